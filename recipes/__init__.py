@@ -1,0 +1,1 @@
+"""Recipe files (YAML) shipped with srbinarize; load them with `srbinarize.load_recipe(name)`."""

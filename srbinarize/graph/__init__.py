@@ -1,0 +1,1 @@
+"""torch.fx passes that know no method: tracing, head/body/tail partition, module swapping."""

@@ -1,0 +1,116 @@
+"""Tracing SR models with torch.fx, with the workarounds real SR code needs.
+
+- Tensor attributes reassigned in ``forward`` (basicsr's ``self.mean = self.mean.type_as(x)``) would be
+  left holding a Proxy: every plain tensor attribute is saved before tracing and restored after.
+- A submodule whose forward cannot be traced (shape-dependent Python control flow) becomes a leaf: it
+  is kept whole as one ``call_module`` node, and layers inside it are reached by module path.
+- A plain function that fails the same way (basicsr's ``pixel_unshuffle`` asserts on sizes) is wrapped:
+  it becomes one ``call_function`` node and tracing starts again.
+- The traced module is checked numerically against the original on an example input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+
+class TraceFailure(RuntimeError):
+    """The model could not be traced as a whole (a reason, not a torch.fx traceback)."""
+
+
+@dataclass
+class TraceResult:
+    module: fx.GraphModule
+    leaves: list[str] = field(default_factory=list)  # qualified names of modules kept whole
+
+
+class _AutoLeafTracer(fx.Tracer):
+    """A tracer that turns a submodule into a leaf when tracing through it fails."""
+
+    def __init__(self, leaf_types: Sequence[type] = (), wrapped: Sequence[Callable] = ()):
+        super().__init__(autowrap_functions=tuple(wrapped))
+        self.leaf_types = tuple(leaf_types)
+        self.auto_leaves: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        if m is self.root or self.is_leaf_module(m, self.path_of_module(m)):
+            return super().call_module(m, forward, args, kwargs)
+        checkpoint = list(self.graph.nodes)[-1] if len(self.graph.nodes) else None
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # Drop what the failed attempt recorded, then keep the module whole.
+            _erase_after(self.graph, checkpoint)
+            path = self.path_of_module(m)
+            self.auto_leaves.append(path)
+            return self.create_proxy("call_module", path, args, kwargs)
+
+
+def _erase_after(graph: fx.Graph, last_kept: fx.Node | None) -> None:
+    nodes = list(graph.nodes)
+    start = nodes.index(last_kept) + 1 if last_kept is not None else 0
+    for node in reversed(nodes[start:]):
+        graph.erase_node(node)
+
+
+@contextlib.contextmanager
+def _preserved_tensor_attributes(model: nn.Module) -> Iterator[None]:
+    saved = [
+        (module, name, value)
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ]
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            object.__setattr__(module, name, value)
+
+
+def trace(model: nn.Module, example: torch.Tensor, leaf_types: Sequence[type] = ()) -> TraceResult:
+    """Trace ``model`` into a GraphModule that computes the same function (checked on ``example``)."""
+    wrapped: list[Callable] = []
+    while True:
+        tracer = _AutoLeafTracer(leaf_types, wrapped)
+        with _preserved_tensor_attributes(model):
+            try:
+                graph = tracer.trace(model)
+                break
+            except Exception as err:
+                culprit = _failing_function(err)
+                if culprit is None or culprit in wrapped or len(wrapped) >= 8:
+                    raise TraceFailure(f"{type(err).__name__}: {err}".splitlines()[0]) from err
+                wrapped.append(culprit)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    with torch.no_grad():
+        expected, got = model(example), gm(example)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not torch.allclose(
+        got, expected, rtol=1e-4, atol=1e-5
+    ):
+        raise TraceFailure("the traced graph does not reproduce the model's output on the example input")
+    return TraceResult(gm, sorted(set(tracer.auto_leaves)))
+
+
+def _failing_function(err: BaseException) -> Callable | None:
+    """The innermost module-level function outside torch in whose body tracing failed, if any."""
+    tb, frames = err.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    torch_dir = torch.__file__.rsplit("/", 1)[0]
+    for frame in reversed(frames):
+        if frame.f_code.co_filename.startswith(torch_dir):
+            continue
+        fn = frame.f_globals.get(frame.f_code.co_name)
+        return fn if isinstance(fn, types.FunctionType) and fn.__code__ is frame.f_code else None
+    return None

@@ -1,0 +1,17 @@
+"""Replacement layers, one small module per method, and the registry recipes name them by.
+
+Adding a method: write its layer (a `QuantLayer` with a config dataclass) and register it below;
+recipes then refer to it by its key in ``layers.<kind>.type``.
+"""
+
+from __future__ import annotations
+
+from .base import LayerType, QuantLayer
+from .scales import ScalesConfig, ScalesConv2d
+from .ste import sign_pm1, sign_ste
+
+LAYER_TYPES: dict[str, LayerType] = {
+    "scales": LayerType(ScalesConfig, ("conv2d",), ScalesConv2d.from_float),
+}
+
+__all__ = ["LAYER_TYPES", "LayerType", "QuantLayer", "ScalesConfig", "ScalesConv2d", "sign_pm1", "sign_ste"]

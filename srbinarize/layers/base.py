@@ -1,0 +1,46 @@
+"""What every replacement layer offers to the graph pass, the summary and the exporter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class QuantLayer(nn.Module):
+    """A layer that stands in for one FP conv or linear of the original model.
+
+    Subclasses set ``weight_bits`` / ``act_bits`` (32 where a side stays FP) and implement
+    `from_float`; `calibrate` refines the initialisation from FP inputs and outputs of the layer.
+    """
+
+    weight_bits: int = 32
+    act_bits: int = 32
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: Any) -> QuantLayer:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, y_fp: torch.Tensor) -> None:
+        """Initialise from a batch of the FP layer's inputs ``x`` and outputs ``y_fp`` (default: nothing)."""
+
+    def notes(self) -> list[str]:
+        """Short remarks for the summary (e.g. a component that does not apply to this layer)."""
+        return []
+
+    def extra_fp_macs(self, out_shape: torch.Size) -> int:
+        """Multiply-accumulates of FP side branches (re-scaling maps etc.) per forward."""
+        return 0
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """A registered replacement: its config dataclass, the layer kinds it takes and its builder."""
+
+    config: type
+    kinds: tuple[str, ...]
+    build: Callable[[nn.Module, Any], QuantLayer]

@@ -1,0 +1,58 @@
+"""Sign with straight-through gradients, the binarizer every binary layer builds on.
+
+Forward is exact and shared with the deployed kernels: ``+1 where u >= 0, else -1`` (never 0).
+Backward treats the sign as a function of ``u / window``, so the gradient window follows the scale of
+the values being binarized (a 1-bit LSQ): with ``window = alpha`` the layer ``alpha * sign(u)`` gets the
+gradients ``1{|u| <= alpha}`` for ``u`` and ``sign(u) - u / alpha * 1{|u| <= alpha}`` for ``alpha``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+SteKind = Literal["clipped", "approx"]
+
+
+def sign_pm1(u: torch.Tensor) -> torch.Tensor:
+    """The binarization of the forward pass: +1 for u >= 0, -1 otherwise."""
+    return torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, window: torch.Tensor, kind: str) -> torch.Tensor:
+        ctx.save_for_backward(u, window)
+        ctx.kind = kind
+        return sign_pm1(u)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u, window = ctx.saved_tensors
+        v = u / window
+        # clipped: 1 inside [-1, 1]; approx (ApproxSign, Bi-Real Net): 2 - 2|v| inside [-1, 1]
+        dv = (v.abs() <= 1).to(grad.dtype) if ctx.kind == "clipped" else (2 - 2 * v.abs()).clamp_min(0)
+        g = grad * dv
+        grad_u = g / window if ctx.needs_input_grad[0] else None
+        grad_window = None
+        if ctx.needs_input_grad[1]:
+            grad_window = _sum_to_shape(-g * v / window, window.shape)
+        return grad_u, grad_window, None
+
+
+def sign_ste(u: torch.Tensor, window: torch.Tensor | float = 1.0, kind: SteKind = "clipped") -> torch.Tensor:
+    """``sign_pm1(u)`` whose gradient is that of ``sign(u / window)`` with the chosen STE."""
+    if not isinstance(window, torch.Tensor):
+        window = torch.tensor(float(window), dtype=u.dtype, device=u.device)
+    return _SignSTE.apply(u, window, kind)
+
+
+def _sum_to_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient back to the shape of the tensor it was broadcast from."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    for dim, size in enumerate(shape):
+        if size == 1 and t.shape[dim] != 1:
+            t = t.sum(dim, keepdim=True)
+    return t

@@ -1,0 +1,1 @@
+"""Model descriptions, checkpoint loading and architecture detection, and the project's FP model zoo."""
