@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Fetch the onnxruntime C API headers (Debian trixie's libonnxruntime-dev, 1.21) into build/ort-headers.
+#
+# Uses a private apt sources dir so the system's apt configuration is left untouched. The archive URIs
+# are copied at run time from this machine's own /etc/apt/sources.list.d/debian.sources.
+# Usage: bash kernels/fetch_ort_headers.sh [DEST]   (DEST defaults to build/ort-headers; idempotent)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dest="${1:-$here/build/ort-headers}"
+header="$dest/include/onnxruntime_c_api.h"
+if [[ -f "$header" ]]; then
+    echo "onnxruntime headers already present: $dest/include"
+    exit 0
+fi
+
+sources=/etc/apt/sources.list.d/debian.sources
+[[ -r "$sources" ]] || { echo "error: $sources not found; cannot locate a Debian archive" >&2; exit 1; }
+# First URIs line of the file (the main archive, not the security one).
+uri="$(awk '/^URIs:/ {print $2; exit}' "$sources")"
+keyring="$(awk '/^Signed-By:/ {print $2; exit}' "$sources")"
+[[ -n "$uri" ]] || { echo "error: no URIs line in $sources" >&2; exit 1; }
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/parts" "$work/lists/partial" "$work/cache/archives/partial"
+{
+    echo "Types: deb"
+    echo "URIs: $uri"
+    echo "Suites: trixie"
+    echo "Components: main"
+    [[ -n "$keyring" ]] && echo "Signed-By: $keyring"
+} > "$work/parts/trixie.sources"
+
+apt_opts=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$work/parts"
+          -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+apt-get "${apt_opts[@]}" update -qq
+(cd "$work" && apt-get "${apt_opts[@]}" download libonnxruntime-dev)
+deb="$(ls "$work"/libonnxruntime-dev_*.deb)"
+dpkg -x "$deb" "$work/x"
+
+src="$(dirname "$(find "$work/x" -name onnxruntime_c_api.h | head -n1)")"
+[[ -f "$src/onnxruntime_c_api.h" ]] || { echo "error: onnxruntime_c_api.h not in $deb" >&2; exit 1; }
+mkdir -p "$dest/include"
+cp "$src"/*.h "$dest/include/"
+echo "onnxruntime headers ($(basename "$deb")) -> $dest/include"

@@ -1,0 +1,139 @@
+// Instruction-set specific kernels: the interface shared by the scalar, AVX2 and AVX-512 builds.
+//
+// Each implementation lives in its own translation unit compiled with its own -m flags. Those files
+// include only this header, <cstddef>, <cstdint> and <immintrin.h>, and everything they define is
+// static except their Kernels table: no inline function compiled with AVX flags can then be merged by
+// the linker into code that also runs on CPUs without AVX (the classic ODR trap of per-file flags).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the packed bit layout assumes a little-endian CPU"
+#endif
+
+namespace srb {
+
+// Packed activations: one "unit" per pixel (or token) holding channel c at bit c % 64 of word c / 64,
+// unused high bits 0. Implementations with words_per_word == 2 (AVX2) store every word as two words:
+// its low nibbles (w & 0x0f0f...) then its high nibbles ((w >> 4) & 0x0f0f...), ready for a nibble
+// lookup-table popcount.
+//
+// DotTile computes, for `pixels` consecutive pixels p and every output channel o,
+//   counts[o, p] = sum over steps s of popcount(unit_word(p, s) ^ weight_word(o, s)),
+// where unit_word(p, s) starts at x + p * pixel_stride + x_offset[s]. A step is one (tap, word) pair,
+// so the caller describes any convolution window (or a plain dot product) through x_offset.
+struct DotTile {
+  const uint64_t* x;
+  ptrdiff_t pixel_stride;
+  const ptrdiff_t* x_offset;  // [steps]
+  int steps;
+  int pixels;
+  const uint64_t* w;  // weights in this implementation's layout (see Kernels::pack_weights)
+  int out_channels;   // counts are written for round_up(out_channels, 8) channels; extra ones are junk
+  int32_t* counts;
+  ptrdiff_t ld;      // leading dimension of counts
+  bool pixel_major;  // counts[p * ld + o] instead of counts[o * ld + p]
+};
+
+struct Kernels {
+  const char* name;
+  int words_per_word;
+  // One image row: channel c of pixel p is x[c * channel_stride + p]; bit = x >= threshold[c].
+  // Writes the channel bytes in use of `pixels` units (`unit` words apart); the rest stays untouched.
+  void (*pack_planar)(const float* x, ptrdiff_t channel_stride, int channels, int pixels,
+                      const float* threshold, uint64_t* out, ptrdiff_t unit);
+  // Tokens: channel k of token m is x[m * channels + k]. Same output as pack_planar.
+  void (*pack_tokens)(const float* x, int tokens, int channels, const float* threshold,
+                      uint64_t* out, ptrdiff_t unit);
+  // Weights given as [O][steps] words -> this implementation's layout, weight_words(O, steps) long.
+  size_t (*weight_words)(int out_channels, int steps);
+  void (*pack_weights)(const uint64_t* w, int out_channels, int steps, uint64_t* out);
+  void (*dot_tile)(const DotTile& tile);
+};
+
+extern const Kernels kScalarKernels;
+extern const Kernels kAvx2Kernels;
+extern const Kernels kAvx512Kernels;
+
+// ---- helpers shared by the implementations (static: each translation unit gets its own copy) ----
+
+// Transposes the 8x8 bit matrix held in a word (row r = byte r, column c = bit c of that byte).
+static inline uint64_t transpose8x8_bits(uint64_t m) {
+  uint64_t t = (m ^ (m >> 7)) & 0x00aa00aa00aa00aaULL;
+  m ^= t ^ (t << 7);
+  t = (m ^ (m >> 14)) & 0x0000cccc0000ccccULL;
+  m ^= t ^ (t << 14);
+  t = (m ^ (m >> 28)) & 0x00000000f0f0f0f0ULL;
+  return m ^ t ^ (t << 28);
+}
+
+// Stores the byte holding channels 8g..8g+7 into a unit (as bytes).
+template <bool kSplit>
+static inline void store_channel_byte(uint8_t* unit, int g, uint8_t bits) {
+  if (kSplit) {
+    uint8_t* word = unit + 16 * (g / 8);
+    word[g % 8] = bits & 0x0f;
+    word[8 + g % 8] = bits >> 4;
+  } else {
+    unit[g] = bits;
+  }
+}
+
+// Bit i = (x[i * stride] >= t) for i < n.
+static inline unsigned threshold_bits(const float* x, ptrdiff_t stride, int n, float t) {
+  unsigned m = 0;
+  for (int i = 0; i < n; ++i) m |= unsigned(x[i * stride] >= t) << i;
+  return m;
+}
+
+// pack_planar for a given 8-pixel comparator: mask8(x, t) = bits (x[i] >= t), i < 8.
+// Channel groups outside, pixels inside: 8 input streams at a time, the row's units stay in L1.
+template <bool kSplit, class Mask8>
+static inline void pack_planar_with(const float* x, ptrdiff_t channel_stride, int channels,
+                                    int pixels, const float* threshold, uint64_t* out,
+                                    ptrdiff_t unit, Mask8 mask8) {
+  uint8_t* bytes = reinterpret_cast<uint8_t*>(out);
+  for (int g = 0; g * 8 < channels; ++g) {
+    const int nc = channels - 8 * g < 8 ? channels - 8 * g : 8;
+    for (int p0 = 0; p0 < pixels; p0 += 8) {
+      const int np = pixels - p0 < 8 ? pixels - p0 : 8;
+      uint64_t m = 0;  // byte i: pixels p0.. of channel 8g+i
+      for (int i = 0; i < nc; ++i) {
+        const int c = 8 * g + i;
+        const float* row = x + c * channel_stride + p0;
+        const unsigned bits = np == 8 ? mask8(row, threshold[c])
+                                      : threshold_bits(row, 1, np, threshold[c]);
+        m |= uint64_t(bits) << (8 * i);
+      }
+      m = transpose8x8_bits(m);  // byte j: channels 8g.. of pixel p0+j
+      for (int j = 0; j < np; ++j)
+        store_channel_byte<kSplit>(bytes + (p0 + j) * unit * 8, g, uint8_t(m >> (8 * j)));
+    }
+  }
+}
+
+// pack_tokens for a given comparator: mask8(x, t) = bits (x[i] >= t[i]), i < 8.
+template <bool kSplit, class Mask8>
+static inline void pack_tokens_with(const float* x, int tokens, int channels,
+                                    const float* threshold, uint64_t* out, ptrdiff_t unit,
+                                    Mask8 mask8) {
+  uint8_t* bytes = reinterpret_cast<uint8_t*>(out);
+  for (int m = 0; m < tokens; ++m) {
+    const float* row = x + ptrdiff_t(m) * channels;
+    for (int g = 0; g * 8 < channels; ++g) {
+      const int c = 8 * g;
+      unsigned bits;
+      if (channels - c >= 8) {
+        bits = mask8(row + c, threshold + c);
+      } else {
+        bits = 0;
+        for (int i = 0; c + i < channels; ++i) bits |= unsigned(row[c + i] >= threshold[c + i]) << i;
+      }
+      store_channel_byte<kSplit>(bytes + m * unit * 8, g, uint8_t(bits));
+    }
+  }
+}
+
+}  // namespace srb
