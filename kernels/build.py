@@ -31,8 +31,7 @@ SOURCES = {
     "kernel_avx512.cc": ["-mavx2", "-mpopcnt", "-mavx512f", "-mavx512vpopcntdq"],
 }
 COMMON = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra"]
-SANITIZE = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-            "-fno-sanitize-recover=undefined"]
+SANITIZE = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 
 
 def find_include(include: str | os.PathLike | None = None) -> Path:
@@ -48,8 +47,7 @@ def find_include(include: str | os.PathLike | None = None) -> Path:
     )
 
 
-def build(output: str | os.PathLike, include: str | os.PathLike | None = None,
-          sanitize: bool = False) -> Path:
+def build(output: str | os.PathLike, include: str | os.PathLike | None = None, sanitize: bool = False) -> Path:
     """Compile and link the library to `output`; returns its path."""
     include = find_include(include)
     cxx = os.environ.get("CXX", "g++")
@@ -59,6 +57,7 @@ def build(output: str | os.PathLike, include: str | os.PathLike | None = None,
     output.parent.mkdir(parents=True, exist_ok=True)
     flags = COMMON + (SANITIZE if sanitize else []) + [f"-I{include}"]
     with tempfile.TemporaryDirectory() as tmp:
+
         def compile_one(item):
             name, extra = item
             obj = Path(tmp) / (name + ".o")

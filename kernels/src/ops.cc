@@ -76,6 +76,33 @@ struct Node {
     return v;
   }
 
+  // Element types are checked here rather than declared in the op schema, so that a wrong one gets
+  // an error saying what was expected. Absent optional inputs have an empty name.
+  void CheckTypes(const Ort::ConstKernelInfo& info, const std::vector<const char*>& names) const {
+    for (size_t i = 0; i < info.GetInputCount() && i < names.size(); ++i) {
+      if (info.GetInputName(i).empty()) continue;
+      const auto type = info.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType();
+      const auto expected = i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      if (type != expected)
+        Fail(std::string("input '") + names[i] + "' must be " + TypeName(expected) + ", got " + TypeName(type));
+    }
+  }
+
+  static std::string TypeName(ONNXTensorElementDataType t) {
+    switch (t) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "uint64";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+      default: return "ONNX element type " + std::to_string(int(t));
+    }
+  }
+
   // A tensor input, or nullptr data for an absent optional one.
   struct Input {
     const void* data = nullptr;
@@ -159,6 +186,7 @@ class ConvKernel {
   explicit ConvKernel(const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info(raw_info);
     node_.prefix = "BinaryConv2d node '" + info.GetNodeName() + "': ";
+    node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale"});
     isa_ = &SelectOrFail(node_);
     std::vector<int64_t> k;
     try {
@@ -293,8 +321,9 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
           if (border_row) {
             for (int p = 0; p < np; ++p) fix(dot, pad_fix, p);
           } else {
-            for (int p = 0; p < std::min(np, pw - p0); ++p) fix(dot, pad_fix, p);
-            for (int p = std::max(0, W - pw - p0); p < np; ++p) fix(dot, pad_fix, p);
+            const int left_end = std::max(0, std::min(np, pw - p0));  // pixels w < pw
+            for (int p = 0; p < left_end; ++p) fix(dot, pad_fix, p);
+            for (int p = std::max(left_end, W - pw - p0); p < np; ++p) fix(dot, pad_fix, p);  // w >= W - pw
           }
           // Epilogue, in the order the PyTorch layer computes it.
           const float s = scale_f[o];
@@ -332,9 +361,8 @@ struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
   const char* GetName() const { return "BinaryConv2d"; }
   // X, threshold, weight, scale, bias?, spatial?, channel_scale?
   size_t GetInputTypeCount() const { return 7; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
+  // Any type here: the kernel checks them (Node::CheckTypes) with a better message.
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
@@ -351,6 +379,7 @@ class LinearKernel {
   explicit LinearKernel(const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info(raw_info);
     node_.prefix = "BinaryLinear node '" + info.GetNodeName() + "': ";
+    node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial"});
     isa_ = &SelectOrFail(node_);
     features_ = node_.IntAttribute(info, "in_features", nullptr, 1, 1 << 24);
     const int64_t no_skip = 0;
@@ -465,9 +494,8 @@ struct BinaryLinearOp : Ort::CustomOpBase<BinaryLinearOp, LinearKernel, true> {
   const char* GetName() const { return "BinaryLinear"; }
   // X, threshold, weight, scale, bias?, spatial?
   size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
+  // Any type here: the kernel checks them (Node::CheckTypes) with a better message.
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }

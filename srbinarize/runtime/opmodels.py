@@ -115,7 +115,7 @@ def linear_model(
 
 def fp32_conv_model(weight, bias=None) -> bytes:
     """Standard ONNX ``Conv`` (stride 1, same padding) with FP32 weight [O, C, KH, KW]."""
-    o, c, kh, kw = np.asarray(weight).shape
+    _, c, kh, kw = np.asarray(weight).shape
     init = {"W": np.asarray(weight, np.float32)}
     if bias is not None:
         init["B"] = np.asarray(bias, np.float32)
@@ -128,7 +128,7 @@ def fp32_conv_model(weight, bias=None) -> bytes:
 
 def fp32_linear_model(weight, bias=None) -> bytes:
     """Standard ONNX ``MatMul`` (+ ``Add`` fused by onnxruntime into one op) of X [B, T, K] by weight [O, K]."""
-    o, k = np.asarray(weight).shape
+    _, k = np.asarray(weight).shape
     init = {"Wt": np.ascontiguousarray(np.asarray(weight, np.float32).T)}
     nodes = [helper.make_node("MatMul", ["X", "Wt"], ["XW" if bias is not None else "Y"], name="matmul")]
     if bias is not None:

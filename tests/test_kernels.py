@@ -1,0 +1,337 @@
+"""The onnxruntime kernel library: every dispatch path against NumPy references, and bad models.
+
+Integer checks use scale = 1 and no epilogue, so the output is the exact integer dot product.
+Paths this CPU cannot run are skipped with the reason. To run the file against another build of the
+library (e.g. the sanitized one, see kernels/build_sanitized.sh) set SRBINARIZE_ORT_LIBRARY.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from srbinarize.runtime import KERNEL_ENV, KERNEL_PATHS, kernel_path, kernel_supported, ort_session
+from srbinarize.runtime.opmodels import conv_model, linear_model
+from srbinarize.runtime.packing import binary_conv2d_dot, pack_conv_weight, pack_linear_weight
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def path(request, monkeypatch):
+    """Forces one kernel path (skipped where the CPU lacks it)."""
+    if not kernel_supported(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv(KERNEL_ENV, request.param)
+    assert kernel_path() == request.param
+    return request.param
+
+
+def _signs(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _linear_dot(x, thr, w):
+    a = np.where(x >= thr, 1, -1).astype(np.int64)
+    return a @ np.where(w >= 0, 1, -1).astype(np.int64).T
+
+
+def _run_conv(x, thr, w, *, threads=1, **kw):
+    o = w.shape[0]
+    model = conv_model(
+        thr,
+        pack_conv_weight(w),
+        kw.pop("scale", np.ones(o, np.float32)),
+        kernel_shape=w.shape[2:],
+        in_channels=w.shape[1],
+        **kw,
+    )
+    return ort_session(model, intra_op_num_threads=threads).run(None, {"X": x})[0]
+
+
+def _random_conv_case(rng):
+    c = int(rng.choice([1, 3, 8, 63, 64, 65, 130]))
+    o = int(rng.choice([1, 5, 8, 17, 64]))
+    kh, kw = (int(k) for k in rng.choice([1, 3, 5], size=2))
+    n, h, w = int(rng.integers(1, 3)), int(rng.integers(1, 12)), int(rng.integers(1, 75))
+    return c, o, (kh, kw), (n, h, w)
+
+
+def test_conv_integer_dot_random_shapes(path):
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        c, o, (kh, kw), (n, h, w) = _random_conv_case(rng)
+        x = _signs(rng, (n, c, h, w))
+        thr = (0.3 * rng.standard_normal(c)).astype(np.float32)
+        wt = _signs(rng, (o, c, kh, kw))
+        y = _run_conv(x, thr, wt)
+        np.testing.assert_array_equal(y, binary_conv2d_dot(x, thr, wt), err_msg=f"{c=} {o=} {kh=} {kw=} {n=} {h=} {w=}")
+
+
+@pytest.mark.parametrize(
+    ("c", "o", "k", "hw"),
+    [
+        (3, 5, 3, (1, 1)),  # every tap but the centre is padding
+        (65, 17, 3, (7, 1)),
+        (130, 9, 5, (11, 13)),
+        (200, 16, 5, (6, 70)),  # 25 taps x 4 words = 100 steps: AVX2 byte counters widen twice
+        (64, 64, 3, (9, 67)),  # full 8x8 blocks, two pixel tiles
+        (64, 200, 3, (3, 19)),  # O8 > 128: narrower pixel tiles
+    ],
+)
+def test_conv_integer_dot_edge_shapes(path, c, o, k, hw):
+    rng = np.random.default_rng(c * 1000 + o)
+    x = _signs(rng, (2, c, *hw))
+    thr = (0.3 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (o, c, k, k))
+    np.testing.assert_array_equal(_run_conv(x, thr, wt, threads=2), binary_conv2d_dot(x, thr, wt))
+
+
+def test_conv_threshold_ties_are_plus_one(path):
+    x = np.zeros((1, 5, 3, 4), np.float32)  # x == threshold everywhere: +1 (x - thr >= 0)
+    wt = np.ones((2, 5, 3, 3), np.float32)
+    y = _run_conv(x, np.zeros(5, np.float32), wt)
+    np.testing.assert_array_equal(y, binary_conv2d_dot(x, np.zeros(5, np.float32), wt))
+    assert y[0, 0, 1, 1] == 45
+
+
+def test_conv_full_epilogue(path):
+    rng = np.random.default_rng(2)
+    n, c, h, w, k = 2, 24, 9, 13, 3
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (c, c, k, k))
+    scale = rng.uniform(0.01, 0.1, c).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32)
+    spatial = rng.uniform(0.5, 1.5, (n, 1, h, w)).astype(np.float32)
+    chan = rng.uniform(0.5, 1.5, (n, c)).astype(np.float32)
+    model = conv_model(
+        thr,
+        pack_conv_weight(wt),
+        scale,
+        bias,
+        kernel_shape=(k, k),
+        in_channels=c,
+        skip=1,
+        spatial=True,
+        channel_scale=True,
+    )
+    y = ort_session(model).run(None, {"X": x, "spatial": spatial, "channel_scale": chan})[0]
+    t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
+    t = t * spatial
+    t = t * chan[:, :, None, None]
+    t = t + bias[None, :, None, None]
+    t = t + x
+    np.testing.assert_allclose(y, t, rtol=0, atol=1e-5)
+
+
+def test_conv_optional_inputs_by_empty_name_and_graph_input_weight(path):
+    rng = np.random.default_rng(3)
+    c, o, k = 10, 6, 3
+    x = rng.standard_normal((1, c, 5, 6)).astype(np.float32)
+    thr = np.zeros(c, np.float32)
+    wt = _signs(rng, (o, c, k, k))
+    chan = rng.uniform(0.5, 1.5, (1, o)).astype(np.float32)
+    # bias and spatial given as "" while channel_scale is present; weight fed at run time.
+    packed = pack_conv_weight(wt)
+    model = conv_model(
+        thr, packed, np.ones(o, np.float32), kernel_shape=(k, k), in_channels=c, channel_scale=True, weight_input=True
+    )
+    y = ort_session(model).run(None, {"X": x, "channel_scale": chan, "weight": packed})[0]
+    ref = binary_conv2d_dot(x, thr, wt).astype(np.float32) * chan[:, :, None, None]
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5)
+
+
+def test_linear_integer_dot_random_shapes(path):
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        k = int(rng.choice([1, 3, 63, 64, 65, 130, 180]))
+        o = int(rng.choice([1, 7, 8, 64, 180]))
+        b, t = int(rng.integers(1, 3)), int(rng.integers(1, 150))
+        x = _signs(rng, (b, t, k))
+        thr = (0.3 * rng.standard_normal(k)).astype(np.float32)
+        w = _signs(rng, (o, k))
+        model = linear_model(thr, pack_linear_weight(w), np.ones(o, np.float32), in_features=k)
+        y = ort_session(model, intra_op_num_threads=2).run(None, {"X": x})[0]
+        np.testing.assert_array_equal(y, _linear_dot(x, thr, w), err_msg=f"{k=} {o=} {b=} {t=}")
+
+
+def test_linear_full_epilogue_rank2(path):
+    rng = np.random.default_rng(5)
+    t, k = 70, 90
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(k)).astype(np.float32)
+    w = _signs(rng, (k, k))
+    scale = rng.uniform(0.01, 0.1, k).astype(np.float32)
+    bias = rng.standard_normal(k).astype(np.float32)
+    spatial = rng.uniform(0.5, 1.5, (t, 1)).astype(np.float32)
+    model = linear_model(thr, pack_linear_weight(w), scale, bias, in_features=k, skip=1, spatial=True, x_shape=["T", k])
+    y = ort_session(model).run(None, {"X": x, "spatial": spatial})[0]
+    ref = _linear_dot(x, thr, w).astype(np.float32) * scale
+    ref = ref * spatial
+    ref = ref + bias
+    ref = ref + x
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5)
+
+
+def test_all_paths_identical_and_threads_agree(monkeypatch):
+    rng = np.random.default_rng(6)
+    c, o, k = 96, 40, 3
+    x = rng.standard_normal((2, c, 21, 37)).astype(np.float32)
+    thr = (0.3 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (o, c, k, k))
+    outputs = {}
+    for p in KERNEL_PATHS:
+        if kernel_supported(p):
+            monkeypatch.setenv(KERNEL_ENV, p)
+            for threads in (1, 2):
+                outputs[p, threads] = _run_conv(x, thr, wt, threads=threads)
+    first = next(iter(outputs.values()))
+    for key, y in outputs.items():
+        np.testing.assert_array_equal(y, first, err_msg=str(key))
+
+
+# ---- robustness: bad models and inputs give onnxruntime errors naming the node ----------------------
+
+
+def _conv_parts(c=8, o=4, k=3):
+    rng = np.random.default_rng(7)
+    return np.zeros(c, np.float32), pack_conv_weight(_signs(rng, (o, c, k, k))), np.ones(o, np.float32)
+
+
+_ORT_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,  # checks at run time (input shapes)
+    # Checks when the session creates the kernel (types, attributes, initializers): onnxruntime reports our
+    # INVALID_ARGUMENT status as "Exception during initialization: <message>".
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+)
+
+
+def _expect_error(model_bytes, feeds, *needles):
+    with pytest.raises(_ORT_ERRORS) as err:
+        ort_session(model_bytes).run(None, feeds)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_error_wrong_input_dtype():
+    thr, w, s = _conv_parts()
+    model = conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8, x_dtype=np.float64, name="conv7")
+    _expect_error(model, {"X": np.zeros((1, 8, 4, 4))}, "BinaryConv2d node 'conv7'", "'X' must be float32, got float64")
+    model = conv_model(thr, w.astype(np.int64), s, kernel_shape=(3, 3), in_channels=8, name="conv8")
+    _expect_error(model, {"X": np.zeros((1, 8, 4, 4), np.float32)}, "'conv8'", "'weight' must be uint64, got int64")
+
+
+def test_error_wrong_rank_and_channels():
+    thr, w, s = _conv_parts()
+    model = conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8, x_shape=["N", "C", "H", "W"], name="conv1")
+    _expect_error(
+        model,
+        {"X": np.zeros((1, 6, 4, 4), np.float32)},
+        "BinaryConv2d node 'conv1'",
+        "C = in_channels = 8",
+        "[1, 6, 4, 4]",
+    )
+    model = conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8, x_shape=["N", 8, "H"], name="conv2")
+    _expect_error(model, {"X": np.zeros((1, 8, 4), np.float32)}, "conv2", "[N, C, H, W]")
+
+
+def test_error_weight_threshold_scale_mismatch():
+    thr, w, s = _conv_parts()
+    _expect_error(
+        conv_model(thr, w[:, :2], s, kernel_shape=(3, 3), in_channels=8, name="cw"),
+        {"X": np.zeros((1, 8, 4, 4), np.float32)},
+        "BinaryConv2d node 'cw'",
+        "weight",
+        "[O, 3, 3, 1]",
+    )
+    _expect_error(
+        conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=70, x_shape=["N", 8, "H", "W"], name="cw2"),
+        {"X": np.zeros((1, 8, 4, 4), np.float32)},
+        "cw2",
+    )
+    _expect_error(
+        conv_model(thr[:5], w, s, kernel_shape=(3, 3), in_channels=8, name="ct"),
+        {"X": np.zeros((1, 8, 4, 4), np.float32)},
+        "'ct'",
+        "threshold",
+        "[8]",
+        "[5]",
+    )
+    _expect_error(
+        conv_model(thr, w, s[:3], kernel_shape=(3, 3), in_channels=8, name="cs"),
+        {"X": np.zeros((1, 8, 4, 4), np.float32)},
+        "'cs'",
+        "scale",
+        "[4]",
+    )
+    bad_bits = w.copy()
+    bad_bits[0, 0, 0, 0] |= np.uint64(1 << 40)  # above in_channels = 8
+    _expect_error(
+        conv_model(thr, bad_bits, s, kernel_shape=(3, 3), in_channels=8, name="cb"),
+        {"X": np.zeros((1, 8, 4, 4), np.float32)},
+        "'cb'",
+        "bits set above in_channels",
+    )
+
+
+def test_error_attributes_and_skip():
+    thr, w, s = _conv_parts()
+    _expect_error(
+        conv_model(thr, w, s, kernel_shape=(2, 2), in_channels=8, name="ck"),
+        {"X": np.zeros((1, 8, 4, 4), np.float32)},
+        "'ck'",
+        "kernel_shape",
+    )
+    _expect_error(
+        conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8, skip=1, name="cskip"),
+        {"X": np.zeros((1, 8, 4, 4), np.float32)},
+        "'cskip'",
+        "skip",
+    )
+    model = conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8, spatial=True, name="csp")
+    _expect_error(
+        model,
+        {"X": np.zeros((1, 8, 4, 4), np.float32), "spatial": np.zeros((1, 1, 4, 5), np.float32)},
+        "'csp'",
+        "spatial",
+        "[1, 1, 4, 4]",
+    )
+
+
+def test_error_linear_mismatch():
+    rng = np.random.default_rng(8)
+    w = pack_linear_weight(_signs(rng, (6, 70)))
+    thr, s = np.zeros(70, np.float32), np.ones(6, np.float32)
+    _expect_error(
+        linear_model(thr, w, s, in_features=70, x_shape=["B", "T", 69], name="lin"),
+        {"X": np.zeros((1, 2, 69), np.float32)},
+        "BinaryLinear node 'lin'",
+        "K = in_features = 70",
+    )
+    _expect_error(
+        linear_model(thr, w[:, :1], s, in_features=70, name="lw"),
+        {"X": np.zeros((1, 2, 70), np.float32)},
+        "'lw'",
+        "[O, 2]",
+    )
+    _expect_error(
+        linear_model(thr, w, s, in_features=70, skip=1, name="ls"),
+        {"X": np.zeros((1, 2, 70), np.float32)},
+        "'ls'",
+        "skip",
+    )
+
+
+def test_forced_kernel_path_errors(monkeypatch):
+    thr, w, s = _conv_parts()
+    model = conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8)
+    monkeypatch.setenv(KERNEL_ENV, "avx9000")
+    with pytest.raises(RuntimeError, match="unknown kernel path"):
+        kernel_path()
+    _expect_error(model, {}, "unknown kernel path")
+    missing = [p for p in KERNEL_PATHS if not kernel_supported(p)]
+    if not missing:
+        pytest.skip("this CPU supports every kernel path")
+    monkeypatch.setenv(KERNEL_ENV, missing[0])
+    _expect_error(model, {}, f"does not support the {missing[0]} kernels")
