@@ -3,7 +3,8 @@
 Operation counts follow the binary SR papers: one multiply-accumulate is one operation (FLOP), a layer
 with both weights and activations quantized counts ``MACs * w_bits * a_bits`` bit operations (BOPs), and
 ``OPs = BOPs / 64 + FLOPs``. Only convolutions and linears (and the FP side branches of replaced layers)
-are counted.
+are counted. Skip-connection adds are listed (kind ``add``: bits of their operands and result) and the
+activation memory of one inference at the input size comes from a liveness walk over the graph.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .convert import _example_input, conversion_info, record_shapes
+from .graph.adds import insert_skip_adds
+from .graph.memory import ActivationMemory, activation_memory
 from .graph.partition import LayerRow, Plan, partition_by_order, partition_graph
 from .graph.trace import TraceFailure, trace
 from .layers import QuantLayer
@@ -32,6 +35,10 @@ class LayerStats:
     bops: int
     flops: int
 
+    @property
+    def quantized(self) -> bool:
+        return self.act_bits < 32 if self.row.kind == "add" else self.weight_bits < 32
+
 
 @dataclass
 class Summary:
@@ -43,17 +50,21 @@ class Summary:
     ops_before: float
     ops_after: float
     messages: list[str]
+    memory: ActivationMemory | None = None  # None when the model did not trace
 
-    def count(self, role: str | None = None, quantized: bool | None = None) -> int:
+    def count(self, role: str | None = None, quantized: bool | None = None, kind: str | None = None) -> int:
+        """Rows of a role / quantized or not / of a kind; conv and linear rows only unless ``kind="add"``."""
         return sum(
             1 for s in self.layers
-            if (role is None or s.row.role == role) and (quantized is None or (s.weight_bits < 32) == quantized)
+            if (role is None or s.row.role == role) and (quantized is None or s.quantized == quantized)
+            and (s.row.kind == kind if kind else s.row.kind != "add")
         )
 
     def __str__(self) -> str:
         head = ("layer", "role", "original", "became", "w/a bits", "params", "MACs", "note")
         body = [
-            (s.row.name, s.row.role, s.row.module, s.became, f"{s.weight_bits}/{s.act_bits}", f"{s.params:,}",
+            (s.row.name, s.row.role, s.row.module, s.became,
+             f"-/{s.act_bits}" if s.row.kind == "add" else f"{s.weight_bits}/{s.act_bits}", f"{s.params:,}",
              _si(s.macs), s.row.note)
             for s in self.layers
         ]
@@ -64,13 +75,21 @@ class Summary:
         shape = "x".join(map(str, self.input_shape))
         lines += [
             "",
-            f"input {shape}: {self.count(quantized=True)} of {len(self.layers)} conv/linear layers quantized",
+            f"input {shape}: {self.count(quantized=True)} of {self.count()} conv/linear layers quantized"
+            + (f", {self.count(quantized=True, kind='add')} of {self.count(kind='add')} skip adds"
+               if self.count(kind="add") else ""),
             f"parameter memory: {_bytes(self.param_bytes_before)} FP32 -> {_bytes(self.param_bytes_after)} "
             f"({self.param_bytes_before / max(self.param_bytes_after, 1):.1f}x smaller; "
             f"{self.total_params:,} parameters with the added scales and maps)",
             f"OPs (BOPs/64 + FLOPs): {_si(self.ops_before)} -> {_si(self.ops_after)} "
             f"({self.ops_before / max(self.ops_after, 1):.1f}x fewer)",
         ]
+        if self.memory is not None:
+            m = self.memory
+            lines.append(
+                f"activation memory per inference (peak live): {_bytes(m.peak_fp)} FP32 -> {_bytes(m.peak)}; "
+                f"held by skip connections: {_bytes(m.held_fp)} -> {_bytes(m.held)}"
+            )
         lines += [f"note: {m}" for m in self.messages]
         return "\n".join(lines)
 
@@ -83,8 +102,12 @@ def summary(model: nn.Module, input_size: tuple[int, int] = (64, 64)) -> Summary
     info = conversion_info(model)
     channels = info.in_channels if info else _example_input(model).shape[1]
     example = torch.rand(1, channels, *input_size)
-    plan = copy.deepcopy(info.plan) if info else _plan(model, example)
+    if info:
+        plan = copy.deepcopy(info.plan)
+    else:  # plan the FP model on a traced copy, where skip adds are modules too
+        model, plan = _plan(model, example)
     record_shapes(model, plan, example)
+    memory = activation_memory(model, example) if isinstance(model, fx.GraphModule) else None
     modules = dict(model.named_modules())
     stats = [_layer_stats(row, modules[row.name]) for row in plan.rows]
     total = sum(p.numel() for p in model.parameters())
@@ -101,19 +124,26 @@ def summary(model: nn.Module, input_size: tuple[int, int] = (64, 64)) -> Summary
         ops_before=fp_macs,
         ops_after=sum(s.bops for s in stats) / 64 + sum(s.flops for s in stats),
         messages=plan.messages,
+        memory=memory,
     )
 
 
-def _plan(model: nn.Module, example: torch.Tensor) -> Plan:
+def _plan(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Plan]:
     try:
         traced = trace(copy.deepcopy(model).eval(), example)
-        return partition_graph(traced.module, traced.leaves)
+        plan = partition_graph(traced.module, traced.leaves)
+        insert_skip_adds(traced.module, plan)
+        return traced.module, plan
     except TraceFailure as err:
-        return partition_by_order(model, str(err))
+        return model, partition_by_order(model, str(err))
 
 
 def _layer_stats(row: LayerRow, module: nn.Module) -> LayerStats:
     params = sum(p.numel() for p in module.parameters())
+    if row.kind == "add":
+        quantized = isinstance(module, QuantLayer)
+        bits = module.act_bits if quantized else 32
+        return LayerStats(row, type(module).__name__ if quantized else "FP", 32, bits, params, params * 32, 0, 0, 0)
     macs = _macs(module, row)
     if isinstance(module, QuantLayer):
         wb, ab = module.weight_bits, module.act_bits
