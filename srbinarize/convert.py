@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph.adds import insert_skip_adds, network_io_layers
+from .graph.fold_bn import fold_bn_graph
 from .graph.partition import Plan, layer_kind, partition_by_order, partition_graph
 from .graph.rewrite import build_replacements, select, swap
 from .graph.trace import TraceFailure, trace
@@ -70,12 +72,19 @@ def convert(
     example = example_input if example_input is not None else _example_input(work)
     try:
         traced = trace(work, example, leaf_modules)
+        folded = fold_bn_graph(traced.module)  # conv -> BatchNorm pairs become one conv (exact in eval)
         work, plan = traced.module, partition_graph(traced.module, traced.leaves)
+        if folded:
+            plan.messages.append(f"BatchNorm folded into the conv before it: {folded}")
         if traced.leaves:
             plan.messages.append(f"kept whole (untraceable), layers reached by module path: {traced.leaves}")
+        if "add" in recipe.layers:  # the recipe replaces skip-connection adds: they become rows like layers
+            insert_skip_adds(work, plan)
     except TraceFailure as err:
         plan = partition_by_order(work, str(err))
         warnings.warn(plan.messages[0], stacklevel=2)
+        if "add" in recipe.layers:
+            plan.messages.append("skip adds are found in the traced graph only: none replaced")
     record_shapes(work, plan, example)
 
     modules = dict(work.named_modules())
@@ -93,6 +102,10 @@ def convert(
         )
     replacements = build_replacements(work, rows, build, batch)
     swap(work, replacements)
+    if plan.traced:  # layers reading the network input or writing the final output may leave those FP
+        for name, (reads_input, writes_output) in network_io_layers(work, plan).items():
+            if name in replacements:
+                replacements[name].at_network_boundary(reads_input, writes_output)
     for name, new in replacements.items():
         plan.row(name).replaced_by = type(new).__name__
     setattr(work, INFO_ATTR, ConversionInfo(recipe, plan, example.shape[1]))

@@ -7,11 +7,14 @@ recipes then refer to it by its key in ``layers.<kind>.type``.
 from __future__ import annotations
 
 from .base import LayerType, QuantLayer
+from .fqsr import FqsrAdd, FqsrAddConfig, FqsrConv2d, FqsrConvConfig
 from .scales import ScalesConfig, ScalesConv2d
 from .ste import sign_pm1, sign_ste
 
 LAYER_TYPES: dict[str, LayerType] = {
     "scales": LayerType(ScalesConfig, ("conv2d",), ScalesConv2d.from_float),
+    "fqsr_conv": LayerType(FqsrConvConfig, ("conv2d",), FqsrConv2d.from_float),
+    "fqsr_add": LayerType(FqsrAddConfig, ("add",), FqsrAdd.from_float),
 }
 
 __all__ = ["LAYER_TYPES", "LayerType", "QuantLayer", "ScalesConfig", "ScalesConv2d", "sign_pm1", "sign_ste"]

@@ -19,6 +19,7 @@ class QuantLayer(nn.Module):
 
     weight_bits: int = 32
     act_bits: int = 32
+    output_bits: int = 32  # bits of the tensor the layer writes (the summary's activation memory)
 
     @classmethod
     def from_float(cls, module: nn.Module, config: Any) -> QuantLayer:
@@ -27,6 +28,9 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, y_fp: torch.Tensor) -> None:
         """Initialise from a batch of the FP layer's inputs ``x`` and outputs ``y_fp`` (default: nothing)."""
+
+    def at_network_boundary(self, reads_input: bool, writes_output: bool) -> None:
+        """Told by `convert` that the layer reads the network input / writes the final output (default: nothing)."""
 
     def notes(self) -> list[str]:
         """Short remarks for the summary (e.g. a component that does not apply to this layer)."""
