@@ -5,7 +5,9 @@
 ``beta`` is a learnable per-input-channel threshold, ``alpha`` a learnable layer-wise scale,
 ``S(x) = sigmoid(conv_{C->1}(x))`` the spatial re-scaling map and ``C(x) = sigmoid(conv1d_k(GAP(x)))``
 the channel re-scaling vector, both computed from the FP input. The identity skip applies where the conv
-keeps the shape. Every component can be switched off (the paper's ablation).
+keeps the shape; ``skip: auto`` keeps it only where calibration shows it helps (a converted layer must
+then make up ``y - x`` instead of ``y``, which is easier only where the FP conv's output is close to its
+input). Every component can be switched off (the paper's ablation).
 
 Zero padding: padded positions contribute 0 to the binary dot product (the conv pads the signed
 activations with zeros), which is the definition the deployed kernel implements exactly.
@@ -14,12 +16,14 @@ Initialisation from the pretrained conv (`calibrate`): ``beta`` = channel mean o
 ``alpha`` = mean |x - beta| (the L1-optimal scale of a sign), the latent weight = ``w - delta`` when the
 skip is on (so that the binary branch approximates what the skip leaves), then scaled per output channel
 by the least-squares gain that best matches the FP output on the calibration batch; the re-scaling
-branches start at zero weights (sigmoid = 0.5, where its gradient is largest).
+branches start at zero weights (sigmoid = 0.5, where its gradient is largest). Whether the skip is on is
+a buffer, so it travels with the weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +42,7 @@ class ScalesConfig:
     spatial_kernel_size: int = 1
     channel_rescale: bool = True
     channel_kernel_size: int = 5
-    skip: bool = True
+    skip: Literal["auto", "always", "never"] = "auto"
     ste: SteKind = "clipped"
 
     def __post_init__(self) -> None:
@@ -86,7 +90,7 @@ class ScalesConv2d(QuantLayer):
             ks = config.channel_kernel_size
             self.channel = nn.Conv1d(1, 1, ks, padding=ks // 2, bias=False)
             nn.init.zeros_(self.channel.weight)
-        self.use_skip = config.skip and self.same_shape
+        self.register_buffer("skip_on", torch.tensor(config.skip == "always" and self.same_shape))
 
     @classmethod
     def from_float(cls, module: nn.Module, config: ScalesConfig) -> ScalesConv2d:
@@ -96,12 +100,21 @@ class ScalesConv2d(QuantLayer):
         layer = cls(module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None, config)
         with torch.no_grad():
             layer.weight.copy_(module.weight)
-            if layer.use_skip:  # the skip carries x, so the conv learns the rest: w - delta
-                c = module.kernel_size[0] // 2
-                layer.weight[:, :, c, c] -= torch.eye(module.out_channels, dtype=layer.weight.dtype)
+            if layer.use_skip:
+                layer._shift_for_skip(-1.0)
             if module.bias is not None:
                 layer.bias.copy_(module.bias)
         return layer.to(module.weight.device)
+
+    @property
+    def use_skip(self) -> bool:
+        return bool(self.skip_on)
+
+    def _shift_for_skip(self, sign: float) -> None:
+        """Add ``sign * delta`` to the latent weight: with the skip carrying x, the conv learns ``w - delta``."""
+        c = self.kernel_size // 2
+        eye = torch.eye(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
+        self.weight[:, :, c, c] += sign * eye
 
     # Pieces of the forward pass, shared with calibration and export.
     def act_scale(self) -> torch.Tensor:
@@ -120,6 +133,11 @@ class ScalesConv2d(QuantLayer):
             scale = self.act_scale() * scale
         return scale
 
+    def _weight_window(self) -> torch.Tensor:
+        """STE window of the latent weights: 2 mean|w| per output channel, so it follows their scale
+        (calibration rescales them) and clips only the tail of the distribution."""
+        return 2 * self.weight.detach().abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+
     def binary_weight(self) -> torch.Tensor:
         """The +-1 weights of the deployed conv (no gradient)."""
         return sign_pm1(self.weight.detach())
@@ -136,7 +154,7 @@ class ScalesConv2d(QuantLayer):
         """Everything but bias and skip, in the exact order the kernel's epilogue uses."""
         kind = self.config.ste
         a = sign_ste(x - self.beta.view(1, -1, 1, 1), self.act_scale(), kind) if self.config.binarize_activations else x
-        w = sign_ste(self.weight, 1.0, kind) if self.config.binarize_weights else self.weight
+        w = sign_ste(self.weight, self._weight_window(), kind) if self.config.binarize_weights else self.weight
         t = F.conv2d(a, w, padding=self.kernel_size // 2) * self.output_scale().view(1, -1, 1, 1)
         s = self.spatial_map(x)
         if s is not None:
@@ -163,16 +181,28 @@ class ScalesConv2d(QuantLayer):
         quantized = cfg.binarize_weights or cfg.binarize_activations
         if not (quantized or self.spatial is not None or self.channel is not None):
             return  # the layer is the FP conv (plus an exact skip): nothing to fit
-        target = y_fp
-        if self.bias is not None:
-            target = target - self.bias.view(1, -1, 1, 1)
-        if self.use_skip:
-            target = target - x
+        target = y_fp if self.bias is None else y_fp - self.bias.view(1, -1, 1, 1)
+        if self.config.skip == "auto" and self.same_shape:
+            without = self._fit(x, target)
+            self._shift_for_skip(-1.0)
+            with_skip = self._fit(x, target - x)
+            if with_skip >= without:
+                self._shift_for_skip(1.0)
+            self.skip_on.fill_(with_skip < without)
+        self._fit(x, target - x if self.use_skip else target, apply=True)
+
+    def _fit(self, x: torch.Tensor, target: torch.Tensor, apply: bool = False) -> float:
+        """Least-squares gain per output channel of the latent weight; returns the remaining squared error.
+
+        The output is linear in the latent weight's magnitude (mean|w| * sign(w) and the FP conv alike),
+        so scaling the weight by the gain scales the output by it.
+        """
         t = self._rescaled_conv(x)
         gain = (t * target).sum(dim=(0, 2, 3)) / (t * t).sum(dim=(0, 2, 3)).clamp_min(1e-12)
         gain = torch.where(torch.isfinite(gain) & (gain != 0), gain, torch.ones_like(gain))
-        # The output is linear in the latent weight's magnitude (mean|w| * sign(w) and the FP conv alike).
-        self.weight.mul_(gain.view(-1, 1, 1, 1))
+        if apply:
+            self.weight.mul_(gain.view(-1, 1, 1, 1))
+        return float((target - t * gain.view(1, -1, 1, 1)).pow(2).sum())
 
     def notes(self) -> list[str]:
         notes = []

@@ -1,0 +1,106 @@
+"""The `srbinarize` command: one subcommand per verb, each a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got '{pair}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected")
+    p.add_argument("--arch-kwargs", default="{}", help="JSON keyword arguments for --arch")
+
+
+def _load_any(path: str, args: argparse.Namespace):
+    """A converted srbinarize checkpoint, or a pretrained FP checkpoint (architecture detected or given)."""
+    from .checkpoint import FORMAT, load_model, read_metadata
+    from .models import load_pretrained
+
+    if path.endswith(".safetensors") and read_metadata(path).get("format") == FORMAT:
+        return load_model(path), None
+    return load_pretrained(path, arch=args.arch, arch_kwargs=json.loads(args.arch_kwargs))
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from . import convert, summary
+    from .checkpoint import save_model
+
+    model, spec = _load_any(args.checkpoint, args)
+    if spec is None:
+        raise SystemExit(f"{args.checkpoint} is already converted; give the pretrained FP checkpoint")
+    converted = convert(model, args.recipe, **_overrides(args.set))
+    print(summary(converted))
+    save_model(converted, args.output, spec)
+    print(f"wrote {args.output}")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from . import summary
+
+    model, _ = _load_any(args.model, args)
+    print(summary(model, input_size=tuple(args.input_size)))
+
+
+def _cmd_recipes(args: argparse.Namespace) -> None:
+    from .recipe import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        recipe = load_recipe(name)
+        print(f"{name:10s} {recipe.about}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="srbinarize", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a pretrained FP checkpoint with a recipe")
+    p.add_argument("checkpoint")
+    p.add_argument("--recipe", default="scales", help="shipped recipe name or path to a .yaml recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe option")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .safetensors")
+    _add_model_source(p)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="print the layer table of a pretrained or converted model")
+    p.add_argument("model")
+    p.add_argument("--input-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
+    _add_model_source(p)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=_cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .convert import ConversionError
+    from .models.spec import ModelSpecError
+    from .recipe import RecipeError
+
+    try:
+        args.func(args)
+    except (RecipeError, ConversionError, CheckpointError, ModelSpecError, FileNotFoundError) as err:
+        print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The conversion pass on real SR architectures: roles, semantics, gradients, input sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODELS, edsr
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import srbinarize
+from srbinarize.convert import default_calibration_batch
+from srbinarize.layers import ScalesConv2d
+
+# Binary layers expected per model: the body's k x k convs on feature maps, nothing else.
+EXPECTED_BINARY = {
+    "edsr": {f"body.{b}.conv{i}" for b in range(4) for i in (1, 2)} | {"conv_after_body"},
+    "msrresnet": {f"body.{b}.conv{i}" for b in range(3) for i in (1, 2)},
+    "rcan": {f"body.{g}.residual_group.{b}.rcab.{i}" for g in range(2) for b in range(2) for i in (0, 2)}
+    | {"body.0.conv", "body.1.conv", "conv_after_body"},
+    "rrdbnet": {f"body.0.rdb{r}.conv{i}" for r in (1, 2, 3) for i in range(1, 6)} | {"conv_body"},
+    "rrdbnet_x2": {f"body.0.rdb{r}.conv{i}" for r in (1, 2, 3) for i in range(1, 6)} | {"conv_body"},
+    "timm": {f"body.{b}.conv{i}" for b in range(2) for i in (1, 2)},
+    "widening": {"widen", "narrow"},
+}
+EXPECTED_HEAD = {"edsr": {"conv_first"}, "msrresnet": {"conv_first"}, "rcan": {"conv_first"},
+                 "rrdbnet": {"conv_first"}, "rrdbnet_x2": {"conv_first"}, "timm": {"head"}, "widening": {"head"}}
+
+ALL_OFF = {"binarize_weights": False, "binarize_activations": False, "spatial_rescale": False,
+           "channel_rescale": False}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def converted(request):
+    torch.manual_seed(0)
+    fp = MODELS[request.param]().eval()
+    return request.param, fp, srbinarize.convert(fp, "scales")
+
+
+def test_roles_and_replacements(converted):
+    name, _fp, binary = converted
+    table = srbinarize.summary(binary)
+    binary_layers = {s.row.name for s in table.layers if s.weight_bits == 1}
+    assert binary_layers == EXPECTED_BINARY[name]
+    assert {s.row.name for s in table.layers if s.row.role == "head"} == EXPECTED_HEAD[name]
+    for s in table.layers:
+        assert (s.row.role == "body") or s.weight_bits == 32, f"{s.row.name} ({s.row.role}) must stay FP"
+    # Everything that is not binary in the body is a channel-attention conv acting on pooled vectors.
+    for s in table.layers:
+        if s.row.role == "body" and s.weight_bits == 32:
+            assert s.row.pooled_input and "pooled" in s.row.note
+    assert table.ops_after < table.ops_before and table.param_bytes_after < table.param_bytes_before
+
+
+def test_input_model_untouched_and_other_input_size(converted):
+    _name, fp, binary = converted
+    assert not any(isinstance(m, ScalesConv2d) for m in fp.modules())
+    x = torch.rand(1, 3, 20, 36)  # traced at 48x48
+    with torch.no_grad():
+        y, ref = binary(x), fp(x)
+    assert y.shape == ref.shape and torch.isfinite(y).all()
+
+
+def test_gradients_reach_every_parameter(converted):
+    _name, _fp, binary = converted
+    binary = binary.train()
+    binary.zero_grad()
+    binary(torch.rand(2, 3, 16, 16)).abs().mean().backward()
+    for layer_name, layer in binary.named_modules():
+        if not isinstance(layer, ScalesConv2d):
+            continue
+        for pname, p in layer.named_parameters():
+            assert p.grad is not None, f"{layer_name}.{pname} got no gradient"
+            assert torch.isfinite(p.grad).all(), f"{layer_name}.{pname} gradient not finite"
+            assert p.grad.abs().sum() > 0, f"{layer_name}.{pname} gradient is zero"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_binarization_off_reproduces_fp(name):
+    fp = MODELS[name]().eval()
+    same = srbinarize.convert(fp, "scales", **ALL_OFF).eval()
+    assert any(isinstance(m, ScalesConv2d) for m in same.modules())
+    x = torch.rand(2, 3, 24, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), fp(x), atol=1e-5, rtol=1e-5)
+
+
+class _ConvWeights(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.conv2d:
+            self.weights.append(args[1].detach())
+        return func(*args, **(kwargs or {}))
+
+
+def test_binary_conv_sees_two_values_per_output_channel():
+    binary = srbinarize.convert(edsr(), "scales", spatial_rescale=False, channel_rescale=False)
+    layer = binary.get_submodule("body.1.conv1")
+    with _ConvWeights() as mode:
+        layer(torch.rand(1, 16, 8, 8))
+    (weight,) = mode.weights
+    effective = weight * layer.output_scale().view(-1, 1, 1, 1)
+    for out_channel in effective:
+        assert out_channel.unique().numel() == 2
+    assert set(weight.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_calibration_fits_each_layer_to_its_fp_output():
+    """Initialised from the FP conv and calibration data, a SCALES conv approximates the FP conv's output
+    on FP inputs far better than the same layer without calibration."""
+    fp = edsr(num_feat=32).eval()
+    calibrated = srbinarize.convert(fp, "scales")
+    raw = srbinarize.convert(fp, "scales", calibrate=False)
+    seen = {}
+    hook = fp.body[1].conv1.register_forward_hook(lambda m, i, o: seen.update(x=i[0].clone(), y=o.clone()))
+    with torch.no_grad():
+        fp(default_calibration_batch(calibrated.srbinarize_info.recipe.calibration, 3))
+        hook.remove()
+        err_cal = (calibrated.get_submodule("body.1.conv1")(seen["x"]) - seen["y"]).pow(2).mean()
+        err_raw = (raw.get_submodule("body.1.conv1")(seen["x"]) - seen["y"]).pow(2).mean()
+    assert err_cal < 0.75 * err_raw  # random weights: a binary conv explains about a third of the energy
+
+
+def test_untraceable_model_falls_back_to_module_paths():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(3, 8, 3, padding=1)
+            self.body = nn.Conv2d(8, 8, 3, padding=1)
+            self.last = nn.Conv2d(8, 3, 3, padding=1)
+
+        def forward(self, x):
+            feat = self.head(x)
+            if feat.mean() > 1e9:  # control flow on a value: torch.fx cannot trace this
+                feat = feat * 2
+            return self.last(self.body(feat))
+
+    with pytest.warns(UserWarning, match="could not trace"):
+        binary = srbinarize.convert(DataDependent())
+    roles = {r.name: r.role for r in binary.srbinarize_info.plan.rows}
+    assert roles == {"head": "head", "body": "body", "last": "tail"}
+    assert isinstance(binary.body, ScalesConv2d)
+    binary(torch.rand(1, 3, 10, 10))
+
+
+def test_leaf_fallback_inside_traced_model():
+    """A block with shape-dependent control flow is kept whole; its convs are still found and converted."""
+
+    class PadToEven(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            if x.shape[-1] % 2:  # shape-dependent: untraceable with symbolic shapes
+                x = torch.nn.functional.pad(x, (0, 1))[..., :-1]
+            return self.conv(x) + x
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PadToEven(), PadToEven(), nn.Conv2d(8, 3, 3, padding=1))
+    binary = srbinarize.convert(model)
+    plan = binary.srbinarize_info.plan
+    assert plan.traced and plan.leaves == ["1", "2"]
+    assert {r.name for r in plan.by_role("body")} == {"1.conv", "2.conv"}
+    assert isinstance(binary.get_submodule("1.conv"), ScalesConv2d)
