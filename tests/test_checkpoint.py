@@ -1,0 +1,74 @@
+"""Converted-model checkpoints: round trip, atomic writes, clear errors, the CLI over them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import edsr
+
+import srbinarize
+from srbinarize.checkpoint import CheckpointError, load_model, save_model
+from srbinarize.cli import main
+from srbinarize.models.spec import ModelSpec
+
+SPEC = ModelSpec("basicsr.archs.edsr_arch:EDSR", {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 16, "num_block": 2,
+                                                   "upscale": 2})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    binary = srbinarize.convert(SPEC.build().eval(), "scales")
+    path = save_model(binary, tmp_path_factory.mktemp("ckpt") / "edsr_scales.safetensors", SPEC)
+    return binary, path
+
+
+def test_round_trip_gives_the_same_function(saved):
+    binary, path = saved
+    again = load_model(path)
+    x = torch.rand(1, 3, 17, 23)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), binary.eval()(x))
+    assert again.srbinarize_info.recipe.layers == binary.srbinarize_info.recipe.layers
+    assert not list(path.parent.glob(".*.tmp")), "temporary file left behind"
+
+
+def test_mismatching_architecture_names_file_and_keys(saved, tmp_path):
+    _, path = saved
+    wrong = ModelSpec(SPEC.target, {**SPEC.kwargs, "num_block": 3})
+    other = save_model(srbinarize.convert(edsr(num_block=3, num_feat=16), "scales"), tmp_path / "three.safetensors",
+                       wrong)
+    # Graft the 2-block tensors onto the 3-block description: the file no longer fits its architecture.
+    from safetensors.torch import load_file
+
+    from srbinarize.checkpoint import atomic_save_tensors, read_metadata
+
+    atomic_save_tensors(load_file(str(path)), other, read_metadata(other))
+    with pytest.raises(CheckpointError, match=r"three\.safetensors.*missing.*body\.2\.conv1"):
+        load_model(other)
+
+
+def test_corrupt_and_foreign_files(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CheckpointError, match="bad.safetensors.*not a readable safetensors"):
+        load_model(bad)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="not an srbinarize model checkpoint"):
+        load_model(tmp_path / "plain.safetensors")
+
+
+def test_cli_inspect_prints_the_table(saved, capsys):
+    _, path = saved
+    assert main(["inspect", str(path), "--input-size", "32", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "body.0.conv1" in out and "ScalesConv2d" in out and "OPs (BOPs/64 + FLOPs)" in out
+
+
+def test_cli_unknown_recipe_is_one_clear_line(saved, capsys):
+    _, path = saved
+    assert main(["convert", str(path), "--recipe", "nosuch", "-o", "x.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err
