@@ -2,11 +2,13 @@
 
 Quantizer (Eq. 3 of the paper, one learnable interval ``I`` per quantizer, STE through the rounding)::
 
-    Q(v) = round(clip(v / I, -s, 1) * n) * I / n        s = 1 signed, 0 unsigned
+    Q(v) = round(clip(v / I, -s, 1) * n) * I / n        s = 1 + 1/n signed, 0 unsigned
 
-with ``n = 2^M - 1`` levels above zero for unsigned data and ``n = 2^(M-1) - 1`` for signed data. The
-paper writes ``2^M - 1`` for both; on signed data that gives ``2^(M+1) - 1`` values, an (M+1)-bit code,
-so here an M-bit quantizer has at most ``2^M`` values and fits an M-bit integer container (int8 for M=8).
+with ``n = 2^M - 1`` levels above zero for unsigned data and ``n = 2^(M-1) - 1`` for signed data, i.e.
+the integer codes ``[0, 2^M - 1]`` or ``[-2^(M-1), 2^(M-1) - 1]`` with step ``I / n``. The paper writes
+``2^M - 1`` and ``s = 1`` for both; on signed data that gives ``2^(M+1) - 1`` values, an (M+1)-bit code.
+Here an M-bit quantizer has at most ``2^M`` values, exactly the range of an M-bit integer (two's
+complement), so ONNX QuantizeLinear's saturation to int8/uint8 (int4/uint4) is the clip itself.
 Gradients: STE through ``round`` only, everything else differentiated as written, so ``I`` gets the
 LSQ-style gradient ``(round(u) - u) / n`` inside the range and ``+-1`` where ``v`` is clipped.
 Whether activations are signed is read off the data at the first observation (any ``v < 0`` means
@@ -115,13 +117,13 @@ class IntervalQuantizer(nn.Module):
         return int(self.daia_seen) >= self.daia_iters
 
     def levels(self) -> int:
-        """``n``: integer levels on each side of zero that the code uses."""
+        """``n``: the positive levels of the code; ``I`` maps to ``n``."""
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     def qrange(self) -> tuple[int, int]:
-        """Integer range of the code, ``(-n, n)`` signed or ``(0, n)`` unsigned."""
+        """Integer range of the code, ``(-n - 1, n)`` signed or ``(0, n)`` unsigned."""
         n = self.levels()
-        return (-n if self.signed else 0), n
+        return (-n - 1 if self.signed else 0), n
 
     def step(self) -> torch.Tensor:
         """The quantization step ``I / n`` (the scale of the integer code)."""
@@ -163,10 +165,9 @@ class IntervalQuantizer(nn.Module):
                     "FQSR quantizer was never calibrated: convert with calibration data, load a checkpoint, "
                     f"or train it for {self.daia_iters} iterations (DAIA) before evaluating"
                 )
-        n = self.levels()
-        interval = self.interval.abs().clamp_min(1e-8)
-        u = torch.clamp(v / interval, -1.0 if self.signed else 0.0, 1.0) * n
-        q = round_ste(u) * (interval / n)
+        lo, hi = self.qrange()
+        step = self.interval.abs().clamp_min(1e-8) / self.levels()
+        q = round_ste(torch.clamp(v / step, lo, hi)) * step
         self.last_error = (q - v).abs().mean() if self.training else None
         return q
 
