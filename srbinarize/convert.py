@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph.adds import insert_skip_adds, network_io_layers
+from .graph.chains import wire_extra_inputs
 from .graph.fold_bn import fold_bn_graph
 from .graph.partition import Plan, layer_kind, partition_by_order, partition_graph
 from .graph.rewrite import build_replacements, select, swap
@@ -100,12 +101,24 @@ def convert(
         batch = calibration_data if calibration_data is not None else default_calibration_batch(
             recipe.calibration, example.shape[1]
         )
-    replacements = build_replacements(work, rows, build, batch)
+
+    def link(built):  # layer types whose layers depend on each other (BAM chains) connect them here
+        for type_name in sorted({spec.type for spec in recipe.layers.values()}):
+            if LAYER_TYPES[type_name].link is None:
+                continue
+            mine = {n: m for n, m in built.items() if recipe.layers[plan.row(n).kind].type == type_name}
+            LAYER_TYPES[type_name].link(mine, plan, work)
+            for name in set(built) - set(mine):  # the ones link dropped stay FP
+                if recipe.layers[plan.row(name).kind].type == type_name:
+                    del built[name]
+
+    replacements = build_replacements(work, rows, build, batch, link)
     swap(work, replacements)
     if plan.traced:  # layers reading the network input or writing the final output may leave those FP
         for name, (reads_input, writes_output) in network_io_layers(work, plan).items():
             if name in replacements:
                 replacements[name].at_network_boundary(reads_input, writes_output)
+    wire_extra_inputs(work, replacements)
     for name, new in replacements.items():
         plan.row(name).replaced_by = type(new).__name__
     setattr(work, INFO_ATTR, ConversionInfo(recipe, plan, example.shape[1]))

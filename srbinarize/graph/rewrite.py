@@ -34,11 +34,13 @@ def build_replacements(
     rows: list[LayerRow],
     build: Callable[[LayerRow, nn.Module], nn.Module],
     calibration: torch.Tensor | None,
+    link: Callable[[dict[str, nn.Module]], None] | None = None,
 ) -> dict[str, nn.Module]:
     """Build the replacement of each row from its FP module; calibrate it on the FP model's activations.
 
-    Calibration runs the FP model once on ``calibration``; each replacement sees the inputs and outputs
-    its FP layer saw there. A row whose layer cannot be replaced gets a note and stays FP.
+    ``link`` (if given) sees all built replacements before calibration and may drop some. Calibration
+    runs the FP model once on ``calibration``; each replacement sees the inputs and outputs its FP layer
+    saw there, in dataflow order. A row whose layer cannot be replaced gets a note and stays FP.
     """
     modules = dict(model.named_modules())
     built: dict[str, nn.Module] = {}
@@ -47,6 +49,8 @@ def build_replacements(
             built[row.name] = build(row, modules[row.name])
         except ValueError as err:
             row.note = f"kept FP: {err}"
+    if link is not None:
+        link(built)
     if calibration is None or not built:
         return built
     handles = []

@@ -6,6 +6,7 @@ recipes then refer to it by its key in ``layers.<kind>.type``.
 
 from __future__ import annotations
 
+from .bam import BamConfig, BamConv2d, link_bam
 from .base import LayerType, QuantLayer
 from .fqsr import FqsrAdd, FqsrAddConfig, FqsrConv2d, FqsrConvConfig
 from .scales import ScalesConfig, ScalesConv2d
@@ -15,6 +16,7 @@ LAYER_TYPES: dict[str, LayerType] = {
     "scales": LayerType(ScalesConfig, ("conv2d",), ScalesConv2d.from_float),
     "fqsr_conv": LayerType(FqsrConvConfig, ("conv2d",), FqsrConv2d.from_float),
     "fqsr_add": LayerType(FqsrAddConfig, ("add",), FqsrAdd.from_float),
+    "bam": LayerType(BamConfig, ("conv2d",), BamConv2d.from_float, link_bam),
 }
 
 __all__ = ["LAYER_TYPES", "LayerType", "QuantLayer", "ScalesConfig", "ScalesConv2d", "sign_pm1", "sign_ste"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..graph.partition import Plan
 
 
 class QuantLayer(nn.Module):
@@ -40,11 +43,22 @@ class QuantLayer(nn.Module):
         """Multiply-accumulates of FP side branches (re-scaling maps etc.) per forward."""
         return 0
 
+    def extra_inputs(self) -> list[str]:
+        """Layers (module names) whose input tensors this layer takes as extra forward arguments, in order."""
+        return []
+
 
 @dataclass(frozen=True)
 class LayerType:
-    """A registered replacement: its config dataclass, the layer kinds it takes and its builder."""
+    """A registered replacement: its config dataclass, the layer kinds it takes and its builder.
+
+    ``link``, if set, runs once after all layers of this type are built and before calibration, with
+    those layers by name, the plan and the model being converted: layers that depend on each other
+    (BAM's chains) are connected there; it may drop a layer from the dict (it then stays FP) and
+    writes what it decided into the plan's row notes and messages.
+    """
 
     config: type
     kinds: tuple[str, ...]
     build: Callable[[nn.Module, Any], QuantLayer]
+    link: Callable[[dict[str, QuantLayer], Plan, nn.Module], None] | None = None
