@@ -1,1 +1,1 @@
-"""train"""
+"""Finetuning: data (patches, benchmark sets), losses, metrics (PSNR/SSIM-Y via basicsr), the loop, pictures."""

@@ -1,0 +1,88 @@
+"""The project's own FP models, shipped in the package (``srbinarize/models/zoo/*.safetensors``).
+
+Each file is a plain safetensors state dict (fp16 to stay small) whose metadata holds the `ModelSpec`
+(``srbinarize.model_spec``), the scale, how it was trained and what it measured, so `load_pretrained`
+rebuilds it with no detection. They were trained by ``python -m srbinarize.models.train_zoo`` (see that
+module and ``srbinarize/models/zoo/README.md``); ``zoo:edsr-x2`` names one wherever a checkpoint path is taken.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .spec import ModelSpec
+
+ZOO_PREFIX = "zoo:"
+SPEC_KEY = "srbinarize.model_spec"
+INFO_KEY = "srbinarize.zoo_info"
+
+
+class ZooError(ValueError):
+    """An unknown zoo name or a zoo file that cannot be read."""
+
+
+def zoo_dir() -> Path:
+    return Path(str(resources.files("srbinarize.models") / "zoo"))
+
+
+def zoo_names() -> list[str]:
+    """Names of the shipped models (``edsr-x2`` for ``zoo/edsr_x2.safetensors``)."""
+    folder = zoo_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem.replace("_", "-") for p in folder.glob("*.safetensors"))
+
+
+def zoo_path(name: str) -> Path:
+    """The file of a shipped model, by name (``edsr-x2`` or ``zoo:edsr-x2``)."""
+    if name.startswith(ZOO_PREFIX):
+        name = name[len(ZOO_PREFIX) :]
+    path = zoo_dir() / f"{name.replace('-', '_')}.safetensors"
+    if not path.is_file():
+        raise ZooError(f"no model '{name}' in the zoo; shipped: {zoo_names() or 'none'}")
+    return path
+
+
+def is_zoo_name(text: str | Path) -> bool:
+    return isinstance(text, str) and text.startswith(ZOO_PREFIX)
+
+
+def save_fp_model(
+    model: nn.Module,
+    spec: ModelSpec,
+    path: str | Path,
+    dtype: torch.dtype = torch.float16,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model``'s state dict as safetensors (cast to ``dtype``) with its spec in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    meta = {SPEC_KEY: spec.to_json()}
+    if info is not None:
+        meta[INFO_KEY] = json.dumps(info, sort_keys=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def zoo_info(name_or_path: str | Path) -> dict[str, Any]:
+    """The training record stored with a zoo model (config, budget, measured PSNR)."""
+    from safetensors import safe_open
+
+    path = zoo_path(name_or_path) if is_zoo_name(name_or_path) or not Path(name_or_path).exists() else name_or_path
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get(INFO_KEY, "{}"))
