@@ -200,3 +200,58 @@ def test_in_place_add_with_later_reader_is_left_alone():
     plan = q.srbinarize_info.plan
     assert any("in-place add whose first operand is read afterwards" in m for m in plan.messages)
     assert len([r for r in plan.rows if r.kind == "add"]) == 1  # only `a + keep`
+
+
+def _ort(path, optimize: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def test_qdq_export_runs_fused_and_matches(tmp_path):
+    import onnx
+
+    from srbinarize.export.qdq import deployed_output, export_qdq
+
+    q = srbinarize.convert(edsr().eval(), "fqsr")
+    path = export_qdq(q, tmp_path / "edsr_fqsr.onnx")
+    opt_path = tmp_path / "opt.onnx"
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(opt_path)
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opt_path).graph.node]
+    # every conv with quantized input and output runs as an integer QLinearConv, every skip add as QLinearAdd
+    assert ops.count("QLinearConv") == 10 and ops.count("QLinearAdd") == SKIP_ADDS["edsr"]
+    fused, reference = _ort(path), _ort(path, optimize=False)
+    # the exact bound of one step of the last quantized tensor, through the last conv and EDSR's /255
+    last = q.conv_last
+    one_step = (last.weight_q.integer(last.weight).abs().sum((1, 2, 3)).max() * last.weight_q.step()
+                * last.input_q.step() / 255).item()
+    for shape in [(1, 3, 20, 20), (2, 3, 13, 27)]:  # dynamic batch, height, width
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            want = q(x).numpy()
+        torch.testing.assert_close(torch.from_numpy(reference.run(None, {"x": x.numpy()})[0]),
+                                   deployed_output(q, x), rtol=0, atol=1e-5)  # the graph is the layer
+        got = fused.run(None, {"x": x.numpy()})[0]
+        assert got.shape == want.shape
+        assert abs(got - want).max() <= one_step
+        assert abs(got - want).mean() < one_step / 5  # flips of single codes, not a drift
+
+
+def test_qdq_export_below_8_bits_keeps_the_code(tmp_path):
+    from srbinarize.export.qdq import QdqExportError, deployed_output, export_qdq
+
+    q = srbinarize.convert(msrresnet().eval(), "fqsr", **SETTINGS["4/4/8"])
+    session = _ort(export_qdq(q, tmp_path / "m.onnx"), optimize=False)
+    x = torch.rand(1, 3, 12, 12)
+    got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    torch.testing.assert_close(got, deployed_output(q, x), rtol=0, atol=1e-5)
+    with pytest.raises(QdqExportError, match="never calibrated"):
+        export_qdq(srbinarize.convert(msrresnet().eval(), "fqsr", calibrate=False), tmp_path / "x.onnx")

@@ -1,0 +1,221 @@
+"""QDQ ONNX export of FQSR models: standard QuantizeLinear / DequantizeLinear, integer containers.
+
+What each FQSR piece becomes (zero points are 0, scales are the quantizers' steps ``I / n``):
+
+- an activation quantizer: ``QuantizeLinear -> DequantizeLinear`` in uint8, zero point 0 for unsigned
+  codes and 128 for signed ones (the int8 code + 128, exactly); below 8 bits a ``Clip`` to the code's
+  range comes first (the opsets onnxruntime fuses have no 2..7-bit type; the clip keeps the M-bit
+  semantics in the 8-bit container);
+- a conv's weights: the int8 code + 128 as a uint8 initializer (zero point 128) and ``DequantizeLinear``,
+  per tensor; its bias, when the input is quantized, an int32 initializer on the grid of input step x
+  weight step (what onnxruntime's integer kernels add) and ``DequantizeLinear``;
+
+Why uint8 everywhere (measured on this machine's CPU, AVX-512 without VNNI): onnxruntime's u8s8 kernels add
+pairs of u8 x s8 products in saturating int16, so full-range int8 weights gave outputs off by many steps,
+and it does not fuse an int8 activation with uint8 weights; all-uint8 (u8u8 kernels) is exact.
+- a skip add: both operands through the shared quantizer's Q/DQ, ``Add``, the result's Q/DQ.
+
+So ``DQ -> Conv -> Q`` and ``DQ, DQ -> Add -> Q`` at 8 bits are exactly the patterns onnxruntime turns into
+``QLinearConv`` / ``QLinearAdd`` (integer kernels). Batch, height and width are dynamic. Rounding is half
+to even on both sides; onnxruntime's requantization (fixed-point multiplier) can still move a code by one
+step, which is the tolerance the tests hold the export to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+import types
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.fqsr import FqsrConv2d, IntervalQuantizer
+
+OPSET = 17
+
+
+class QdqExportError(ValueError):
+    """The model cannot be written as a QDQ graph (not converted, not calibrated, ...)."""
+
+
+class _FakeQuant(torch.autograd.Function):
+    """``clamp(round(x / scale), lo, hi) * scale``, exported as [Clip ->] QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, lo: int, hi: int):
+        return torch.clamp(torch.round(x / scale), lo, hi) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale: float, lo: int, hi: int):
+        zero_point = 128 if lo < 0 else 0  # signed codes as uint8 + 128, see the module doc
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
+        if (lo, hi) != (-zero_point, 255 - zero_point):
+            low = g.op("Constant", value_t=torch.tensor(lo * scale, dtype=torch.float32))
+            high = g.op("Constant", value_t=torch.tensor(hi * scale, dtype=torch.float32))
+            x = g.op("Clip", x, low, high)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+@dataclass(frozen=True)
+class _Code:
+    """An integer code held outside autograd, so the exporter writes it as an initializer, not as ops."""
+
+    values: torch.Tensor
+    scale: float
+    dtype: torch.dtype
+    zero_point: int = 0  # stored = code + zero_point
+
+
+class _DequantConst(torch.autograd.Function):
+    """A constant integer tensor times its scale, exported as an integer initializer and DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, code: _Code):
+        return (code.values * code.scale).to(anchor.dtype)
+
+    @staticmethod
+    def symbolic(g, anchor, code: _Code):
+        c = g.op("Constant", value_t=(code.values + code.zero_point).to(code.dtype))
+        s = g.op("Constant", value_t=torch.tensor(code.scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(code.zero_point, dtype=code.dtype))
+        return g.op("DequantizeLinear", c, s, z)
+
+
+def _fake_quant(q: IntervalQuantizer, x: torch.Tensor) -> torch.Tensor:
+    lo, hi = q.qrange()
+    return _FakeQuant.apply(x, float(q.step()), lo, hi)
+
+
+def _quantizer_forward(self: IntervalQuantizer, v: torch.Tensor) -> torch.Tensor:
+    return _fake_quant(self, v)
+
+
+def _conv_codes(conv: FqsrConv2d) -> tuple[_Code | torch.Tensor, _Code | torch.Tensor | None]:
+    """The deployed weight (int8 code) and bias (int32 code on the input x weight grid, else FP)."""
+    with torch.no_grad():
+        weight: _Code | torch.Tensor = conv.weight.detach().clone()
+        bias: _Code | torch.Tensor | None = None if conv.bias is None else conv.bias.detach().clone()
+        if conv.weight_q is not None:
+            w_step = float(conv.weight_q.step())
+            weight = _Code(conv.weight_q.integer(conv.weight), w_step, torch.uint8, 128)
+            if bias is not None and conv.input_q is not None:
+                b_step = float(conv.input_q.step()) * w_step
+                bias = _Code(torch.round(bias / b_step), b_step, torch.int32)
+    return weight, bias
+
+
+def _conv_forward(self: FqsrConv2d, x: torch.Tensor) -> torch.Tensor:
+    if self.input_q is not None:
+        x = self.input_q(x)
+    weight, bias = self._deployed
+    w = _DequantConst.apply(x, weight) if isinstance(weight, _Code) else weight
+    b = _DequantConst.apply(x, bias) if isinstance(bias, _Code) else bias
+    y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+    return self.output_q(y) if self.output_q is not None else y
+
+
+def _check_ready(model: nn.Module) -> None:
+    quantizers = [(n, m) for n, m in model.named_modules() if isinstance(m, IntervalQuantizer)]
+    if not quantizers:
+        raise QdqExportError("the model has no FQSR quantizer: convert it with the fqsr recipe first")
+    for name, q in quantizers:
+        if q.bits > 8:
+            raise QdqExportError(f"{name}: {q.bits}-bit codes do not fit the int8/uint8 containers of QDQ ONNX")
+        if int(q.daia_seen) == 0:
+            raise QdqExportError(f"{name} was never calibrated (DAIA): calibrate or load weights before export")
+
+
+@contextlib.contextmanager
+def deployed_forward(model: nn.Module) -> Iterator[None]:
+    """Inside: FQSR modules compute (and export as) their deployed QDQ form; restored on exit."""
+    patched = []
+    for m in model.modules():
+        if isinstance(m, IntervalQuantizer):
+            patched.append(m)
+            m.forward = types.MethodType(_quantizer_forward, m)
+        elif isinstance(m, FqsrConv2d):
+            patched.append(m)
+            m._deployed = _conv_codes(m)
+            m.forward = types.MethodType(_conv_forward, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+            if isinstance(m, FqsrConv2d):
+                del m._deployed
+
+
+def export_qdq(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | None = None,
+    opset: int = OPSET,
+) -> Path:
+    """Write an FQSR-converted ``model`` as QDQ ONNX to ``path`` (atomically); input ``x``, output ``y``.
+
+    ``example_input`` (default: a 1xCx32x32 image, C from the conversion record) only fixes the
+    rank and channels: batch, height and width are dynamic.
+    """
+    _check_ready(model)
+    work = copy.deepcopy(model).eval()
+    if example_input is None:
+        info = getattr(model, "srbinarize_info", None)
+        if info is None:
+            raise QdqExportError("pass example_input=...: the model carries no conversion record")
+        example_input = torch.rand(1, info.in_channels, 32, 32)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        with deployed_forward(work), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                work, (example_input,), tmp, dynamo=False, opset_version=opset, input_names=["x"],
+                output_names=["y"], dynamic_axes={"x": axes, "y": axes},
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def fp32_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, opset: int = OPSET) -> Path:
+    """The FP32 reference export of any model (same names and dynamic axes as `export_qdq`)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                copy.deepcopy(model).eval(), (example_input,), tmp, dynamo=False, opset_version=opset,
+                input_names=["x"], output_names=["y"], dynamic_axes={"x": axes, "y": axes},
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the exported graph computes, in PyTorch (the quantized model's deployed form)."""
+    with deployed_forward(model), torch.no_grad():
+        return model(x)
+
+
+__all__ = ["QdqExportError", "deployed_forward", "deployed_output", "export_qdq", "fp32_onnx"]
