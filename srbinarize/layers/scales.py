@@ -1,19 +1,23 @@
-"""SCALES binary convolution (seed 000).
+"""SCALES binary convolution and linear (seed 000).
 
-    y = (alpha * sign(x - beta)) (*) (mean|w| * sign(w)) . S(x) . C(x) + bias + x
+    conv:    y = (alpha * sign(x - beta)) (*) (mean|w| * sign(w)) . S(x) . C(x) + bias + x
+    linear:  y = (alpha * sign(x - beta)) @  (mean|w| * sign(w))^T . S(x)         + bias + x
 
-``beta`` is a learnable per-input-channel threshold, ``alpha`` a learnable layer-wise scale,
-``S(x) = sigmoid(conv_{C->1}(x))`` the spatial re-scaling map and ``C(x) = sigmoid(conv1d_k(GAP(x)))``
-the channel re-scaling vector, both computed from the FP input. The identity skip applies where the conv
-keeps the shape; ``skip: auto`` keeps it only where calibration shows it helps (a converted layer must
-then make up ``y - x`` instead of ``y``, which is easier only where the FP conv's output is close to its
-input). Every component can be switched off (the paper's ablation).
+``beta`` is a learnable per-input-channel threshold, ``alpha`` a learnable layer-wise scale. For convs,
+``S(x) = sigmoid(conv_{C->1}(x))`` is the spatial re-scaling map and ``C(x) = sigmoid(conv1d_k(GAP(x)))``
+the channel re-scaling vector; for linears (Transformer tokens) ``S(x) = sigmoid(linear_{C->1}(x))`` is one
+value per token and there is no channel re-scaling (LayerNorm already evens out the channels). Both are
+computed from the FP input. The identity skip applies where the layer keeps the shape; ``skip: auto``
+keeps it only where calibration shows it helps (the layer must then make up ``y - x`` instead of ``y``,
+easier only where the FP layer's output is close to its input). Every component can be switched off
+(the paper's ablation).
 
 Zero padding: padded positions contribute 0 to the binary dot product (the conv pads the signed
-activations with zeros), which is the definition the deployed kernel implements exactly.
+activations with zeros), which is the definition the deployed kernel implements exactly. The forward
+pass computes the +-1 product first and applies the scales afterwards, in the kernel's epilogue order.
 
-Initialisation from the pretrained conv (`calibrate`): ``beta`` = channel mean of the FP input,
-``alpha`` = mean |x - beta| (the L1-optimal scale of a sign), the latent weight = ``w - delta`` when the
+Initialisation from the pretrained layer (`calibrate`): ``beta`` = channel mean of the FP input,
+``alpha`` = mean |x - beta| (the L1-optimal scale of a sign), the latent weight = ``w - I`` when the
 skip is on (so that the binary branch approximates what the skip leaves), then scaled per output channel
 by the least-squares gain that best matches the FP output on the calibration batch; the re-scaling
 branches start at zero weights (sigmoid = 0.5, where its gradient is largest). Whether the skip is on is
@@ -32,6 +36,8 @@ from torch import nn
 from .base import QuantLayer
 from .ste import SteKind, sign_pm1, sign_ste
 
+SkipMode = Literal["auto", "always", "never"]
+
 
 @dataclass(frozen=True)
 class ScalesConfig:
@@ -42,7 +48,7 @@ class ScalesConfig:
     spatial_kernel_size: int = 1
     channel_rescale: bool = True
     channel_kernel_size: int = 5
-    skip: Literal["auto", "always", "never"] = "auto"
+    skip: SkipMode = "auto"
     ste: SteKind = "clipped"
 
     def __post_init__(self) -> None:
@@ -51,8 +57,18 @@ class ScalesConfig:
                 raise ValueError(f"{name} must be a positive odd number, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class ScalesLinearConfig:
+    binarize_weights: bool = True
+    binarize_activations: bool = True
+    spatial_rescale: bool = True  # one FP value per token: sigmoid(linear_{C->1}(x))
+    learn_threshold: bool = True  # False: beta stays 0 (plain sign, the BiBERT-style baseline)
+    skip: SkipMode = "auto"
+    ste: SteKind = "clipped"
+
+
 def supports_conv(conv: nn.Module) -> str | None:
-    """Why a conv cannot become a SCALES binary conv (None if it can)."""
+    """Why a conv cannot become a binary conv of the deployed kind (None if it can)."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain Conv2d"
     k = conv.kernel_size
@@ -65,64 +81,60 @@ def supports_conv(conv: nn.Module) -> str | None:
     return None
 
 
-class ScalesConv2d(QuantLayer):
-    weight_bits = 1
+class _ScalesBase(QuantLayer):
+    """What SCALES convs and linears share: binarizers, scales, skip, calibration.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool, config: ScalesConfig):
+    Subclasses say how the +-1 product is taken (`_product`), how a per-output-channel vector broadcasts
+    against the output (`_per_out`), which dims are reduced per channel (`_reduce_dims`), and how the
+    re-scaling maps apply (`_rescale`).
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], bias: bool, config: ScalesConfig | ScalesLinearConfig):
         super().__init__()
         self.config = config
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.out_channels, self.in_channels = weight_shape[0], weight_shape[1]
         self.act_bits = 1 if config.binarize_activations else 32
         self.weight_bits = 1 if config.binarize_weights else 32
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.beta = nn.Parameter(torch.zeros(in_channels))
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        self.beta = nn.Parameter(torch.zeros(self.in_channels))
         self.alpha = nn.Parameter(torch.ones(()))
-        self.spatial = None
-        if config.spatial_rescale:
-            ks = config.spatial_kernel_size
-            self.spatial = nn.Conv2d(in_channels, 1, ks, padding=ks // 2)
-            nn.init.zeros_(self.spatial.weight)
-            nn.init.zeros_(self.spatial.bias)
-        self.same_shape = in_channels == out_channels
-        self.channel = None
-        if config.channel_rescale and self.same_shape:
-            ks = config.channel_kernel_size
-            self.channel = nn.Conv1d(1, 1, ks, padding=ks // 2, bias=False)
-            nn.init.zeros_(self.channel.weight)
+        self.same_shape = self.in_channels == self.out_channels
         self.register_buffer("skip_on", torch.tensor(config.skip == "always" and self.same_shape))
+        self.spatial: nn.Module | None = None  # re-scaling branches, set by subclasses
+        self.channel: nn.Module | None = None
 
-    @classmethod
-    def from_float(cls, module: nn.Module, config: ScalesConfig) -> ScalesConv2d:
-        reason = supports_conv(module)
-        if reason:
-            raise ValueError(f"SCALES cannot replace this conv: {reason}")
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None, config)
-        with torch.no_grad():
-            layer.weight.copy_(module.weight)
-            if layer.use_skip:
-                layer._shift_for_skip(-1.0)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
-        return layer.to(module.weight.device)
+    # Subclass interface.
+    def _product(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
+    def _per_out(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _per_in(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reduce_dims(self, t: torch.Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _rescale(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _identity_delta(self) -> torch.Tensor:
+        """The weight of the identity map (what the skip adds)."""
+        raise NotImplementedError
+
+    # Pieces of the forward pass, shared with calibration and export.
     @property
     def use_skip(self) -> bool:
         return bool(self.skip_on)
 
-    def _shift_for_skip(self, sign: float) -> None:
-        """Add ``sign * delta`` to the latent weight: with the skip carrying x, the conv learns ``w - delta``."""
-        c = self.kernel_size // 2
-        eye = torch.eye(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
-        self.weight[:, :, c, c] += sign * eye
-
-    # Pieces of the forward pass, shared with calibration and export.
     def act_scale(self) -> torch.Tensor:
         return self.alpha.abs() + 1e-8
 
     def weight_scale(self) -> torch.Tensor:
         """Per-output-channel scale of the binary weights, mean |w|."""
-        return self.weight.abs().mean(dim=(1, 2, 3))
+        return self.weight.abs().mean(dim=tuple(range(1, self.weight.dim())))
 
     def output_scale(self) -> torch.Tensor:
         """Per-output-channel factor applied to the binary dot product (activation x weight scale)."""
@@ -133,14 +145,118 @@ class ScalesConv2d(QuantLayer):
             scale = self.act_scale() * scale
         return scale
 
+    def binary_weight(self) -> torch.Tensor:
+        """The +-1 weights of the deployed layer (no gradient)."""
+        return sign_pm1(self.weight.detach())
+
     def _weight_window(self) -> torch.Tensor:
         """STE window of the latent weights: 2 mean|w| per output channel, so it follows their scale
         (calibration rescales them) and clips only the tail of the distribution."""
-        return 2 * self.weight.detach().abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+        dims = tuple(range(1, self.weight.dim()))
+        return 2 * self.weight.detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
 
-    def binary_weight(self) -> torch.Tensor:
-        """The +-1 weights of the deployed conv (no gradient)."""
-        return sign_pm1(self.weight.detach())
+    def _scaled_product(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything but bias and skip, in the exact order the kernel's epilogue uses."""
+        kind = self.config.ste
+        a = x
+        if self.config.binarize_activations:
+            a = sign_ste(x - self._per_in(self.beta), self.act_scale(), kind)
+        w = sign_ste(self.weight, self._weight_window(), kind) if self.config.binarize_weights else self.weight
+        return self._rescale(self._product(a, w) * self._per_out(self.output_scale()), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._scaled_product(x)
+        if self.bias is not None:
+            t = t + self._per_out(self.bias)
+        if self.use_skip:
+            t = t + x
+        return t
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, y_fp: torch.Tensor) -> None:
+        cfg = self.config
+        if cfg.binarize_activations:
+            if getattr(cfg, "learn_threshold", True):
+                self.beta.copy_(x.mean(dim=self._reduce_dims(x)))
+            self.alpha.fill_((x - self._per_in(self.beta)).abs().mean().clamp_min(1e-6))
+        if not (cfg.binarize_weights or cfg.binarize_activations or self.has_rescaling):
+            return  # the layer is the FP layer (plus an exact skip): nothing to fit
+        target = y_fp if self.bias is None else y_fp - self._per_out(self.bias)
+        if cfg.skip == "auto" and self.same_shape:
+            without = self._fit(x, target)
+            self.weight -= self._identity_delta()
+            with_skip = self._fit(x, target - x)
+            if with_skip >= without:
+                self.weight += self._identity_delta()
+            self.skip_on.fill_(with_skip < without)
+        self._fit(x, target - x if self.use_skip else target, apply=True)
+
+    def _fit(self, x: torch.Tensor, target: torch.Tensor, apply: bool = False) -> float:
+        """Least-squares gain per output channel of the latent weight; returns the remaining squared error.
+
+        The output is linear in the latent weight's magnitude (mean|w| * sign(w) and the FP product alike),
+        so scaling the weight by the gain scales the output by it.
+        """
+        t = self._scaled_product(x)
+        dims = self._reduce_dims(t)
+        gain = (t * target).sum(dim=dims) / (t * t).sum(dim=dims).clamp_min(1e-12)
+        gain = torch.where(torch.isfinite(gain) & (gain != 0), gain, torch.ones_like(gain))
+        if apply:
+            self.weight.mul_(gain.view(-1, *[1] * (self.weight.dim() - 1)))
+        return float((target - t * self._per_out(gain)).pow(2).sum())
+
+    @property
+    def has_rescaling(self) -> bool:
+        return self.spatial is not None or self.channel is not None
+
+    def _init_skip_weight(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            self.weight.copy_(module.weight)
+            if self.use_skip:
+                self.weight -= self._identity_delta()
+            if module.bias is not None:
+                self.bias.copy_(module.bias)
+
+
+class ScalesConv2d(_ScalesBase):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool, config: ScalesConfig):
+        super().__init__((out_channels, in_channels, kernel_size, kernel_size), bias, config)
+        self.kernel_size = kernel_size
+        if config.spatial_rescale:
+            ks = config.spatial_kernel_size
+            self.spatial = nn.Conv2d(in_channels, 1, ks, padding=ks // 2)
+            nn.init.zeros_(self.spatial.weight)
+            nn.init.zeros_(self.spatial.bias)
+        if config.channel_rescale and self.same_shape:
+            ks = config.channel_kernel_size
+            self.channel = nn.Conv1d(1, 1, ks, padding=ks // 2, bias=False)
+            nn.init.zeros_(self.channel.weight)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: ScalesConfig) -> ScalesConv2d:
+        reason = supports_conv(module)
+        if reason:
+            raise ValueError(f"SCALES cannot replace this conv: {reason}")
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None, config)
+        layer._init_skip_weight(module)
+        return layer.to(module.weight.device)
+
+    def _product(self, a, w):
+        return F.conv2d(a, w, padding=self.kernel_size // 2)
+
+    def _per_out(self, v):
+        return v.view(1, -1, 1, 1)
+
+    _per_in = _per_out
+
+    def _reduce_dims(self, t):
+        return (0, 2, 3)
+
+    def _identity_delta(self):
+        delta = torch.zeros_like(self.weight)
+        c = self.kernel_size // 2
+        delta[:, :, c, c] = torch.eye(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
+        return delta
 
     def spatial_map(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.spatial is None else torch.sigmoid(self.spatial(x))
@@ -150,12 +266,7 @@ class ScalesConv2d(QuantLayer):
             return None
         return torch.sigmoid(self.channel(x.mean(dim=(2, 3)).unsqueeze(1))).squeeze(1)
 
-    def _rescaled_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything but bias and skip, in the exact order the kernel's epilogue uses."""
-        kind = self.config.ste
-        a = sign_ste(x - self.beta.view(1, -1, 1, 1), self.act_scale(), kind) if self.config.binarize_activations else x
-        w = sign_ste(self.weight, self._weight_window(), kind) if self.config.binarize_weights else self.weight
-        t = F.conv2d(a, w, padding=self.kernel_size // 2) * self.output_scale().view(1, -1, 1, 1)
+    def _rescale(self, t, x):
         s = self.spatial_map(x)
         if s is not None:
             t = t * s
@@ -163,46 +274,6 @@ class ScalesConv2d(QuantLayer):
         if c is not None:
             t = t * c[:, :, None, None]
         return t
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._rescaled_conv(x)
-        if self.bias is not None:
-            t = t + self.bias.view(1, -1, 1, 1)
-        if self.use_skip:
-            t = t + x
-        return t
-
-    @torch.no_grad()
-    def calibrate(self, x: torch.Tensor, y_fp: torch.Tensor) -> None:
-        cfg = self.config
-        if cfg.binarize_activations:
-            self.beta.copy_(x.mean(dim=(0, 2, 3)))
-            self.alpha.fill_((x - self.beta.view(1, -1, 1, 1)).abs().mean().clamp_min(1e-6))
-        quantized = cfg.binarize_weights or cfg.binarize_activations
-        if not (quantized or self.spatial is not None or self.channel is not None):
-            return  # the layer is the FP conv (plus an exact skip): nothing to fit
-        target = y_fp if self.bias is None else y_fp - self.bias.view(1, -1, 1, 1)
-        if self.config.skip == "auto" and self.same_shape:
-            without = self._fit(x, target)
-            self._shift_for_skip(-1.0)
-            with_skip = self._fit(x, target - x)
-            if with_skip >= without:
-                self._shift_for_skip(1.0)
-            self.skip_on.fill_(with_skip < without)
-        self._fit(x, target - x if self.use_skip else target, apply=True)
-
-    def _fit(self, x: torch.Tensor, target: torch.Tensor, apply: bool = False) -> float:
-        """Least-squares gain per output channel of the latent weight; returns the remaining squared error.
-
-        The output is linear in the latent weight's magnitude (mean|w| * sign(w) and the FP conv alike),
-        so scaling the weight by the gain scales the output by it.
-        """
-        t = self._rescaled_conv(x)
-        gain = (t * target).sum(dim=(0, 2, 3)) / (t * t).sum(dim=(0, 2, 3)).clamp_min(1e-12)
-        gain = torch.where(torch.isfinite(gain) & (gain != 0), gain, torch.ones_like(gain))
-        if apply:
-            self.weight.mul_(gain.view(-1, 1, 1, 1))
-        return float((target - t * gain.view(1, -1, 1, 1)).pow(2).sum())
 
     def notes(self) -> list[str]:
         notes = []
@@ -220,11 +291,64 @@ class ScalesConv2d(QuantLayer):
         return macs
 
     def extra_repr(self) -> str:
-        c = self.config
         parts = [f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}"]
         parts.append(f"w{self.weight_bits}a{self.act_bits}")
-        parts += [name for name, on in (("spatial", self.spatial is not None), ("channel", self.channel is not None),
-                                        ("skip", self.use_skip)) if on]
-        if c.ste != "clipped":
-            parts.append(f"ste={c.ste}")
+        on = {"spatial": self.spatial is not None, "channel": self.channel is not None, "skip": self.use_skip}
+        parts += [name for name, flag in on.items() if flag]
+        if self.config.ste != "clipped":
+            parts.append(f"ste={self.config.ste}")
+        return ", ".join(parts)
+
+
+class ScalesLinear(_ScalesBase):
+    """SCALES for the linears of Transformer blocks; inputs are (..., tokens, features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: ScalesLinearConfig):
+        super().__init__((out_features, in_features), bias, config)
+        if config.spatial_rescale:
+            self.spatial = nn.Linear(in_features, 1)
+            nn.init.zeros_(self.spatial.weight)
+            nn.init.zeros_(self.spatial.bias)
+        if not config.learn_threshold:
+            self.beta.requires_grad_(False)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: ScalesLinearConfig) -> ScalesLinear:
+        if type(module) is not nn.Linear:
+            raise ValueError(f"SCALES cannot replace {type(module).__name__}: a plain nn.Linear is expected")
+        layer = cls(module.in_features, module.out_features, module.bias is not None, config)
+        layer._init_skip_weight(module)
+        return layer.to(module.weight.device)
+
+    def _product(self, a, w):
+        return F.linear(a, w)
+
+    def _per_out(self, v):
+        return v
+
+    _per_in = _per_out
+
+    def _reduce_dims(self, t):
+        return tuple(range(t.dim() - 1))
+
+    def _identity_delta(self):
+        return torch.eye(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
+
+    def spatial_map(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.spatial is None else torch.sigmoid(self.spatial(x))
+
+    def _rescale(self, t, x):
+        s = self.spatial_map(x)
+        return t if s is None else t * s
+
+    def notes(self) -> list[str]:
+        return [] if self.same_shape else [f"{self.in_channels}->{self.out_channels}: no identity skip"]
+
+    def extra_fp_macs(self, out_shape: torch.Size) -> int:
+        tokens = out_shape.numel() // out_shape[-1]
+        return tokens * self.in_channels if self.spatial is not None else 0
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_channels}, {self.out_channels}", f"w{self.weight_bits}a{self.act_bits}"]
+        parts += [name for name, flag in {"spatial": self.spatial is not None, "skip": self.use_skip}.items() if flag]
         return ", ".join(parts)
