@@ -69,11 +69,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            if "Weights only load failed" in str(err):
+            if "Unsupported global" in str(err) or "GLOBAL" in str(err):
                 raise CheckpointError(
                     f"{path} holds pickled Python objects besides tensors (a whole pickled model?); srbinarize "
                     "only reads tensors. Save `model.state_dict()` instead, or convert the file to safetensors."
                 ) from None
+            if "Weights only load failed" in str(err):
+                msg = "not a readable PyTorch checkpoint"
             raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {msg} (corrupt or truncated?)") from None
     return unwrap_state_dict(obj, str(path)), meta
 

@@ -1,0 +1,300 @@
+"""The `finetune`, `eval` and `demo` subcommands of ``srbinarize`` (registered by `srbinarize.cli`).
+
+    srbinarize finetune pretrained.pth --recipe scales --train DIR --val DIR --minutes 10 -o runs/x
+    srbinarize finetune --resume runs/x
+    srbinarize eval runs/x --data ../shared/data/Set5 ../shared/data/Set14
+    srbinarize demo --minutes 3 -o runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_DATA_ROOT = "../shared/data"
+
+
+def _kv(pairs: list[str], what: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"{what} expects KEY=VALUE, got '{pair}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("SRBINARIZE_DATA", DEFAULT_DATA_ROOT))
+
+
+def skimage_folders(dest: Path) -> tuple[Path, Path]:
+    """Training and evaluation folders made of the photos scikit-image ships (no download, no data set)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    train = ("astronaut", "coffee", "rocket", "hubble_deep_field", "retina", "camera", "coins", "moon")
+    evaluation = ("chelsea", "immunohistochemistry", "clock")
+    for folder, names in ((dest / "photos_train" / "HR", train), (dest / "photos_eval" / "HR", evaluation)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            path = folder / f"{name}.png"
+            if not path.exists():
+                Image.fromarray(np.asarray(getattr(data, name)())).save(path)
+    return dest / "photos_train", dest / "photos_eval"
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    if args.resume:
+        result = finetune(resume=args.resume, progress=not args.quiet)
+    else:
+        if not args.model:
+            raise SystemExit("srbinarize finetune: give the pretrained model (or --resume RUN_DIR)")
+        if args.output is None:
+            raise SystemExit("srbinarize finetune: give the run folder with -o RUN_DIR")
+        extra = {k: float(v) for k, v in _kv(args.extra_loss, "--extra-loss").items()} if args.extra_loss else None
+        result = finetune(
+            args.model, args.recipe, train=args.train, val=args.val, out=args.output, steps=args.steps,
+            minutes=args.minutes, batch=args.batch, patch=args.patch, train_lr=args.train_lr, scale=args.scale,
+            arch=args.arch, arch_kwargs=args.arch_kwargs, optimizer=args.optimizer, lr=args.lr,
+            weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
+            l1_weight=args.l1_weight, distill_weight=0.0 if args.no_distill else args.distill_weight,
+            feature_distill_weight=args.feature_distill_weight, extra_losses=extra,
+            recipe_overrides=_kv(args.set, "--set"), seed=args.seed, val_every=args.val_every,
+            val_limit=args.val_limit, save_every=args.save_every, workers=args.workers, threads=args.threads,
+            device=args.device, progress=not args.quiet,
+        )
+    _print_result(result)
+    return 130 if result.interrupted else 0
+
+
+def _print_result(result) -> None:
+    print(f"run folder: {result.run_dir}  (step {result.step}/{result.total_steps}"
+          f"{', interrupted: resume with --resume ' + str(result.run_dir) if result.interrupted else ''})")
+    for name, b in result.baselines.items():
+        fin = result.final_val.get(name, {})
+        tail = f", finetuned {fin['psnr']:.2f} / {fin['ssim']:.4f}" if fin else ""
+        print(f"  {name}: bicubic {b.get('bicubic', float('nan')):.2f}, FP {b.get('FP teacher', float('nan')):.2f}, "
+              f"converted {b.get('converted', float('nan')):.2f}{tail} (PSNR-Y dB / SSIM-Y)")
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="convert a pretrained FP model and finetune it with the FP teacher",
+                       description="Convert a pretrained FP checkpoint with a recipe and finetune it (quantization-"
+                                   "aware, with the FP model as teacher). Settings left out come from the recipe.")
+    p.add_argument("model", nargs="?",
+                   help="pretrained checkpoint (.pth/.pt/.safetensors, BasicSR or plain) or zoo:NAME")
+    p.add_argument("--recipe", default="scales", help="shipped recipe name or a .yaml path (default scales)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe layer option")
+    p.add_argument("--train", nargs="+", help="training folders of HR images (or <set>/HR layouts)")
+    p.add_argument("--train-lr", nargs="+", help="paired LR folders (one per --train folder) instead of bicubic")
+    p.add_argument("--val", nargs="*", default=[], help="validation sets (HR/ + LR_bicubic/X<s>/ or HR folders)")
+    p.add_argument("--val-limit", type=int, help="use only the first N images of each validation set")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimizer steps")
+    budget.add_argument("--minutes", type=float, help="wall-clock budget; the step count that fits is measured")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--patch", type=int, default=32, help="LR patch side (HR patch = patch x scale)")
+    p.add_argument("--scale", type=int, help="expected scale (checked against the model)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["cosine", "constant", "linear"])
+    p.add_argument("--warmup", type=int, help="warmup steps")
+    p.add_argument("--l1-weight", type=float)
+    p.add_argument("--distill-weight", type=float)
+    p.add_argument("--no-distill", action="store_true", help="distill weight 0 (L1 to HR only)")
+    p.add_argument("--feature-distill-weight", type=float)
+    p.add_argument("--extra-loss", action="append", default=[], metavar="NAME=WEIGHT",
+                   help="replace the recipe's extra losses (e.g. sqcl=0.3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, help="validate every N steps (default: 5 times per run)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and every 2 minutes)")
+    p.add_argument("--workers", type=int, help="data loader processes (default min(2, cores))")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped (its settings are kept)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected")
+    p.add_argument("--arch-kwargs", default=None, help="JSON keyword arguments for --arch")
+    p.add_argument("-o", "--output", type=Path, help="run folder")
+    p.set_defaults(func=_cmd_finetune)
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..models.load import model_in_channels, model_scale
+    from .evaluate import describe_sets, entries_for, evaluate_entries, format_table, load_sets
+
+    entries = []
+    for m in args.models:
+        entries += entries_for(m, args.arch, args.arch_kwargs, args.recipe, args.scale)
+    scale = args.scale
+    for e in entries:
+        s = model_scale(e.model, model_in_channels(e.model))
+        if scale is None:
+            scale = s
+        elif s != scale:
+            raise SystemExit(f"srbinarize eval: '{e.label}' is x{s}, but the table is x{scale}")
+    if scale is None:
+        raise SystemExit("srbinarize eval: give a model or --scale")
+    sets = load_sets(args.data, scale, args.limit)
+    t0 = time.time()
+    results = evaluate_entries(entries, sets, args.device, ssim=not args.no_ssim)
+    table = format_table(results, sets)
+    print(table)
+    print(f"\nPSNR / SSIM on Y (BT.601), {scale} border pixels cropped; {describe_sets(sets)}; "
+          f"{time.time() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"scale": scale, "results": results}, indent=1))
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="PSNR/SSIM-Y table of bicubic and models on benchmark sets",
+                       description="Evaluate models in the field's convention (Y of YCbCr, scale pixels cropped, "
+                                   "given LR files). A finetune run folder stands for its FP teacher, converted and "
+                                   "finetuned models.")
+    p.add_argument("models", nargs="*", help="run folders, srbinarize .safetensors, pretrained checkpoints, zoo:NAME")
+    p.add_argument("--data", nargs="+", required=True, help="benchmark sets (HR/ + LR_bicubic/X<s>/)")
+    p.add_argument("--recipe", help="also convert each pretrained checkpoint with this recipe (no finetune) row")
+    p.add_argument("--scale", type=int)
+    p.add_argument("--limit", type=int, help="first N images of each set")
+    p.add_argument("--no-ssim", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="also write the results as JSON")
+    p.add_argument("--arch")
+    p.add_argument("--arch-kwargs", default=None)
+    p.set_defaults(func=_cmd_eval)
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+
+
+def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", data: Path | None = None,
+             seed: int = 0, progress: bool = True, batch: int = 16, patch: int = 32) -> str:
+    """convert the zoo EDSR -> finetune ``minutes`` -> eval -> ``<out>/report.md``; returns the report."""
+    from .evaluate import describe_sets, entries_for, evaluate_entries, format_table, load_sets
+    from .finetune import finetune, hardware, run_exists
+
+    data = data or data_root()
+    model = f"zoo:edsr-x{scale}"
+    if (data / "BSD100").is_dir() and (data / "Set5").is_dir():
+        train, val, eval_roots = [str(data / "BSD100")], [str(data / "Set5")], [
+            str(data / s) for s in ("Set5", "Set14") if (data / s).is_dir()]
+        where = f"train {data / 'BSD100'}, validation Set5, evaluation Set5 + Set14 (given LR files)"
+    else:
+        t, e = skimage_folders(out / "data")
+        train, val, eval_roots = [str(t)], [str(e)], [str(e)]
+        where = f"no {data}: scikit-image's bundled photos (train {t}, evaluation {e}, LR made by MATLAB-style bicubic)"
+    print(f"srbinarize demo: {model} -> {recipe} -> finetune {minutes:g} min -> eval; {where}", flush=True)
+    t0 = time.time()
+    if run_exists(out):
+        result = finetune(resume=out, progress=progress)
+    else:
+        result = finetune(model, recipe, train=train, val=val, out=out, minutes=minutes, seed=seed,
+                          progress=progress, batch=batch, patch=patch)
+    t_train = time.time() - t0
+    entries = entries_for(str(out))
+    sets = load_sets(eval_roots, scale)
+    results = evaluate_entries(entries, sets)
+    table = format_table(results, sets)
+    cfg = json.loads((out / "config.json").read_text())
+    report = "\n".join([
+        f"# srbinarize demo: {model}, recipe {recipe}, x{scale}",
+        "",
+        f"Command: `srbinarize demo --minutes {minutes:g} --scale {scale} --recipe {recipe} -o {out}`",
+        "",
+        f"Finetuning: {result.step} steps (batch {cfg['batch']}, LR patch {cfg['patch']}, {cfg['optimizer']} "
+        f"lr {cfg['lr']:g} {cfg['schedule']}, L1 + distillation weight {cfg['distill_weight']:g}) in "
+        f"{t_train / 60:.1f} min on {hardware()}.",
+        f"Data: {where}.",
+        "",
+        table,
+        "",
+        f"PSNR / SSIM on Y (BT.601), {scale} border pixels cropped; {describe_sets(sets)}.",
+        "Pictures: `curves.png` (loss, validation PSNR), `crops.png` (bicubic | FP | binary | HR).",
+        "",
+    ])
+    (out / "report.md").write_text(report)
+    return report
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    report = run_demo(args.minutes, args.output, args.scale, args.recipe, Path(args.data) if args.data else None,
+                      args.seed, not args.quiet, args.batch, args.patch)
+    print()
+    print(report)
+    print(f"(written to {args.output / 'report.md'})")
+    return 0
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the shipped EDSR: convert, finetune, eval, report",
+                       description="Convert the project's own FP EDSR (shipped in the package) with a recipe, finetune "
+                                   "it for a few minutes on ../shared/data/BSD100 (or scikit-image's photos), evaluate "
+                                   "on Set5/Set14 and write report.md, curves.png and crops.png in the run folder.")
+    p.add_argument("--minutes", type=float, default=3.0, help="finetuning budget (default 3)")
+    p.add_argument("--scale", type=int, default=2, choices=[2, 4])
+    p.add_argument("--recipe", default="scales")
+    p.add_argument("--data",
+                   help=f"data root with BSD100/, Set5/, Set14/ (default $SRBINARIZE_DATA or {DEFAULT_DATA_ROOT})")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
+    p.set_defaults(func=_cmd_demo)
+
+
+def register(sub) -> None:
+    """Add ``finetune``, ``eval`` and ``demo`` to the ``srbinarize`` subparsers."""
+    add_finetune(sub)
+    add_eval(sub)
+    add_demo(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m srbinarize.train.cli finetune|eval|demo ...`` (the same as ``srbinarize ...``)."""
+    parser = argparse.ArgumentParser(prog="srbinarize")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointError as ModelFileError
+    from ..convert import ConversionError
+    from ..models.load import CheckpointError
+    from ..models.spec import ModelSpecError
+    from ..models.zoo import ZooError
+    from ..recipe import RecipeError
+    from .data import DataError
+    from .finetune import FinetuneError
+    from .losses import LossError
+
+    try:
+        return args.func(args)
+    except (DataError, CheckpointError, ModelFileError, ModelSpecError, ZooError, RecipeError, ConversionError,
+            FinetuneError, LossError, FileNotFoundError) as err:
+        print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
