@@ -8,7 +8,8 @@ from .convert import ConversionError, convert
 from .graph.fold_bn import fold_bn
 from .recipe import Recipe, RecipeError, load_recipe
 from .summary import summary
+from .train.finetune import finetune
 
 __version__ = "0.1.0"
 
-__all__ = ["ConversionError", "Recipe", "RecipeError", "convert", "fold_bn", "load_recipe", "summary"]
+__all__ = ["ConversionError", "Recipe", "RecipeError", "convert", "finetune", "fold_bn", "load_recipe", "summary"]

@@ -84,11 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=_cmd_recipes)
+
+    from .train.cli import register  # finetune, eval, demo (srbinarize/train/cli.py)
+
+    register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("finetune", "eval", "demo"):
+        from .train.cli import run
+
+        return run(args)
     from .checkpoint import CheckpointError
     from .convert import ConversionError
     from .models.spec import ModelSpecError
