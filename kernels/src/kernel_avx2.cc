@@ -15,10 +15,10 @@ namespace {
 constexpr uint64_t kLowNibbles = 0x0f0f0f0f0f0f0f0fULL;
 constexpr int kMaxByteSteps = 63;  // each step adds <= 4 to a byte counter: 63 * 4 <= 255
 
-void pack_planar(const float* x, ptrdiff_t channel_stride, int channels, int pixels,
-                 const float* threshold, uint64_t* out, ptrdiff_t unit) {
-  pack_planar_with<true>(x, channel_stride, channels, pixels, threshold, out, unit,
-                         mask8_planar_avx2);
+void pack_planar(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                 const float* threshold, uint64_t* out, ptrdiff_t unit, ptrdiff_t out_row_stride) {
+  pack_planar_with<true>(x, channel_stride, channels, rows, width, threshold, out, unit, out_row_stride,
+                          mask8_planar_avx2);
 }
 
 void pack_tokens(const float* x, int tokens, int channels, const float* threshold, uint64_t* out,
@@ -53,34 +53,27 @@ inline __m256i reduce_pairs(const __m256i* acc) {
   return _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
 }
 
-// Counts for P pixels starting at p and the 8 channels of one block, into out[P][8].
-template <int P>
-inline void block_counts(const DotTile& a, const uint64_t* w, int p, int32_t (*out)[8]) {
+// Counts of one pixel p for the 8 channels of one block, into out[8]. One pixel at a time keeps
+// the 4 accumulators, the broadcast pixel and the table in registers; the weights come from L1.
+inline void block_counts(const DotTile& a, const uint64_t* w, int p, int32_t* out) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,  //
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   const uint64_t* x = a.x + p * a.pixel_stride;
-  __m256i total[P];
-  for (int i = 0; i < P; ++i) total[i] = _mm256_setzero_si256();
+  __m256i total = _mm256_setzero_si256();
   for (int s0 = 0; s0 < a.steps; s0 += kMaxByteSteps) {
     const int s1 = a.steps - s0 < kMaxByteSteps ? a.steps : s0 + kMaxByteSteps;
-    __m256i acc[P][4];
-    for (int i = 0; i < P; ++i)
-      for (int q = 0; q < 4; ++q) acc[i][q] = _mm256_setzero_si256();
+    __m256i acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_si256();
     for (int s = s0; s < s1; ++s) {
-      __m256i xb[P];
-      for (int i = 0; i < P; ++i)
-        xb[i] = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-            reinterpret_cast<const __m128i*>(x + i * a.pixel_stride + a.x_offset[s])));
+      const __m256i xb =
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + a.x_offset[s])));
       const __m256i* ws = reinterpret_cast<const __m256i*>(w + ptrdiff_t(s) * 16);
-      for (int q = 0; q < 4; ++q) {
-        const __m256i wq = _mm256_loadu_si256(ws + q);
-        for (int i = 0; i < P; ++i)
-          acc[i][q] = _mm256_add_epi8(acc[i][q], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xb[i], wq)));
-      }
+      for (int q = 0; q < 4; ++q)
+        acc[q] = _mm256_add_epi8(acc[q], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xb, _mm256_loadu_si256(ws + q))));
     }
-    for (int i = 0; i < P; ++i) total[i] = _mm256_add_epi32(total[i], reduce_pairs(acc[i]));
+    total = _mm256_add_epi32(total, reduce_pairs(acc));
   }
-  for (int i = 0; i < P; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i]), total[i]);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), total);
 }
 
 void dot_tile(const DotTile& a) {
@@ -89,9 +82,7 @@ void dot_tile(const DotTile& a) {
     const uint64_t* w = a.w + ptrdiff_t(ob) * a.steps * 16;
     for (int p0 = 0; p0 < a.pixels; p0 += 8) {
       const int np = a.pixels - p0 < 8 ? a.pixels - p0 : 8;
-      int j = 0;
-      for (; j + 2 <= np; j += 2) block_counts<2>(a, w, p0 + j, block + j);
-      if (j < np) block_counts<1>(a, w, p0 + j, block + j);
+      for (int j = 0; j < np; ++j) block_counts(a, w, p0 + j, block[j]);
       store_counts_block(a, ob, p0, np, block);
     }
   }

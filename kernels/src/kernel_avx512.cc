@@ -8,9 +8,9 @@
 namespace srb {
 namespace {
 
-void pack_planar(const float* x, ptrdiff_t channel_stride, int channels, int pixels,
-                 const float* threshold, uint64_t* out, ptrdiff_t unit) {
-  pack_planar_with<false>(x, channel_stride, channels, pixels, threshold, out, unit,
+void pack_planar(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                 const float* threshold, uint64_t* out, ptrdiff_t unit, ptrdiff_t out_row_stride) {
+  pack_planar_with<false>(x, channel_stride, channels, rows, width, threshold, out, unit, out_row_stride,
                           mask8_planar_avx2);
 }
 

@@ -12,9 +12,10 @@ unsigned mask8_tokens(const float* x, const float* t) {
   return m;
 }
 
-void pack_planar(const float* x, ptrdiff_t channel_stride, int channels, int pixels,
-                 const float* threshold, uint64_t* out, ptrdiff_t unit) {
-  pack_planar_with<false>(x, channel_stride, channels, pixels, threshold, out, unit, mask8_planar);
+void pack_planar(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                 const float* threshold, uint64_t* out, ptrdiff_t unit, ptrdiff_t out_row_stride) {
+  pack_planar_with<false>(x, channel_stride, channels, rows, width, threshold, out, unit, out_row_stride,
+                          mask8_planar);
 }
 
 void pack_tokens(const float* x, int tokens, int channels, const float* threshold, uint64_t* out,

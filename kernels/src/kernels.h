@@ -40,10 +40,11 @@ struct DotTile {
 struct Kernels {
   const char* name;
   int words_per_word;
-  // One image row: channel c of pixel p is x[c * channel_stride + p]; bit = x >= threshold[c].
-  // Writes the channel bytes in use of `pixels` units (`unit` words apart); the rest stays untouched.
-  void (*pack_planar)(const float* x, ptrdiff_t channel_stride, int channels, int pixels,
-                      const float* threshold, uint64_t* out, ptrdiff_t unit);
+  // `rows` consecutive image rows of `width` pixels: channel c of pixel (r, p) is
+  // x[c * channel_stride + r * width + p]; bit = x >= threshold[c]. Its unit starts at
+  // out + (r * out_row_stride + p) * unit; only the channel bytes in use are written.
+  void (*pack_planar)(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                      const float* threshold, uint64_t* out, ptrdiff_t unit, ptrdiff_t out_row_stride);
   // Tokens: channel k of token m is x[m * channels + k]. Same output as pack_planar.
   void (*pack_tokens)(const float* x, int tokens, int channels, const float* threshold,
                       uint64_t* out, ptrdiff_t unit);
@@ -89,27 +90,30 @@ static inline unsigned threshold_bits(const float* x, ptrdiff_t stride, int n, f
 }
 
 // pack_planar for a given 8-pixel comparator: mask8(x, t) = bits (x[i] >= t), i < 8.
-// Channel groups outside, pixels inside: 8 input streams at a time, the row's units stay in L1.
+// Channel groups outside, pixels inside: 8 input streams at a time run through the whole band of rows
+// (contiguous per channel), and the band's units stay in L2.
 template <bool kSplit, class Mask8>
-static inline void pack_planar_with(const float* x, ptrdiff_t channel_stride, int channels,
-                                    int pixels, const float* threshold, uint64_t* out,
-                                    ptrdiff_t unit, Mask8 mask8) {
+static inline void pack_planar_with(const float* x, ptrdiff_t channel_stride, int channels, int rows,
+                                    int width, const float* threshold, uint64_t* out, ptrdiff_t unit,
+                                    ptrdiff_t out_row_stride, Mask8 mask8) {
   uint8_t* bytes = reinterpret_cast<uint8_t*>(out);
   for (int g = 0; g * 8 < channels; ++g) {
     const int nc = channels - 8 * g < 8 ? channels - 8 * g : 8;
-    for (int p0 = 0; p0 < pixels; p0 += 8) {
-      const int np = pixels - p0 < 8 ? pixels - p0 : 8;
-      uint64_t m = 0;  // byte i: pixels p0.. of channel 8g+i
-      for (int i = 0; i < nc; ++i) {
-        const int c = 8 * g + i;
-        const float* row = x + c * channel_stride + p0;
-        const unsigned bits = np == 8 ? mask8(row, threshold[c])
-                                      : threshold_bits(row, 1, np, threshold[c]);
-        m |= uint64_t(bits) << (8 * i);
+    for (int r = 0; r < rows; ++r) {
+      uint8_t* row_out = bytes + r * out_row_stride * unit * 8;
+      for (int p0 = 0; p0 < width; p0 += 8) {
+        const int np = width - p0 < 8 ? width - p0 : 8;
+        uint64_t m = 0;  // byte i: pixels p0.. of channel 8g+i
+        for (int i = 0; i < nc; ++i) {
+          const int c = 8 * g + i;
+          const float* in = x + c * channel_stride + ptrdiff_t(r) * width + p0;
+          const unsigned bits = np == 8 ? mask8(in, threshold[c]) : threshold_bits(in, 1, np, threshold[c]);
+          m |= uint64_t(bits) << (8 * i);
+        }
+        m = transpose8x8_bits(m);  // byte j: channels 8g.. of pixel p0+j
+        for (int j = 0; j < np; ++j)
+          store_channel_byte<kSplit>(row_out + (p0 + j) * unit * 8, g, uint8_t(m >> (8 * j)));
       }
-      m = transpose8x8_bits(m);  // byte j: channels 8g.. of pixel p0+j
-      for (int j = 0; j < np; ++j)
-        store_channel_byte<kSplit>(bytes + (p0 + j) * unit * 8, g, uint8_t(m >> (8 * j)));
     }
   }
 }

@@ -7,6 +7,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdio>
 #include <cstring>
@@ -22,7 +23,7 @@ namespace srb {
 namespace {
 
 constexpr const char* kDomain = "srbinarize";
-constexpr int kMaxTasks = 64;  // work is split into at most this many ParallelFor tasks
+constexpr int kMaxTasks = 64;  // BinaryLinear: at most this many ParallelFor tasks
 
 using Shape = std::vector<int64_t>;
 
@@ -126,15 +127,47 @@ struct Node {
   }
 };
 
-// Packed weights in the layout of one kernel implementation, plus (convolutions) the correction
-// for taps that fall into the zero padding: the kernels treat a padded tap as an all-zero word,
-// which adds popcount(w) to sum popcount(x ^ w); a padded tap must contribute 0 to the dot product,
-// so pad_fix[o, tap] = 2 * popcount(w[o, tap]) - C is added to (taps * C - 2 * sum) per padded tap.
+// Packed weights in the layout of one kernel implementation, plus (convolutions) the popcount of
+// every tap: the kernels treat a tap in the zero padding as an all-zero word, which adds
+// popcount(w[o, tap]) to sum popcount(x ^ w) although it must contribute 0 to the dot product.
+// For a pixel with n valid taps: dot = n * C - 2 * (sum - sum of tap_popcount over padded taps).
 struct PreparedWeights {
   int64_t out_channels = 0;
   std::vector<uint64_t> packed;
-  std::vector<int32_t> pad_fix;  // [O][taps]
+  std::vector<int32_t> tap_popcount;  // [O][taps]
 };
+
+// Output element p = epilogue(base[p] - 2 * count[p]), one pass, fp32 ops in the order of the
+// PyTorch layer: t = dot * scale; t *= spatial; t *= channel_scale; t += bias; t += x.
+struct Epilogue {
+  float scale, channel_scale, bias;
+  const float* spatial;  // per element, or nullptr
+  const float* skip;     // per element, or nullptr
+};
+
+template <bool kSpatial, bool kChannel, bool kBias, bool kSkip>
+void ApplyEpilogue(const Epilogue& e, const int32_t* base, const int32_t* count, int n, float* out) {
+  for (int p = 0; p < n; ++p) {
+    float t = float(base[p] - 2 * count[p]) * e.scale;
+    if (kSpatial) t *= e.spatial[p];
+    if (kChannel) t *= e.channel_scale;
+    if (kBias) t += e.bias;
+    if (kSkip) t += e.skip[p];
+    out[p] = t;
+  }
+}
+
+using EpilogueFn = void (*)(const Epilogue&, const int32_t*, const int32_t*, int, float*);
+
+// The loop specialized for which epilogue inputs are present (keeps it one vectorized pass).
+EpilogueFn SelectEpilogue(bool spatial, bool channel, bool bias, bool skip) {
+  static const EpilogueFn table[16] = {
+      ApplyEpilogue<0, 0, 0, 0>, ApplyEpilogue<0, 0, 0, 1>, ApplyEpilogue<0, 0, 1, 0>, ApplyEpilogue<0, 0, 1, 1>,
+      ApplyEpilogue<0, 1, 0, 0>, ApplyEpilogue<0, 1, 0, 1>, ApplyEpilogue<0, 1, 1, 0>, ApplyEpilogue<0, 1, 1, 1>,
+      ApplyEpilogue<1, 0, 0, 0>, ApplyEpilogue<1, 0, 0, 1>, ApplyEpilogue<1, 0, 1, 0>, ApplyEpilogue<1, 0, 1, 1>,
+      ApplyEpilogue<1, 1, 0, 0>, ApplyEpilogue<1, 1, 0, 1>, ApplyEpilogue<1, 1, 1, 0>, ApplyEpilogue<1, 1, 1, 1>};
+  return table[spatial * 8 + channel * 4 + bias * 2 + skip];
+}
 
 // Validates a weight tensor [O, taps..., words] and packs it for `isa`.
 PreparedWeights PrepareWeights(const Node& node, const Kernels& isa, const Node::Input& w,
@@ -160,12 +193,11 @@ PreparedWeights PrepareWeights(const Node& node, const Kernels& isa, const Node:
                 " (the unused high bits of each tap's last word must be 0)");
   p.packed.resize(isa.weight_words(int(p.out_channels), int(steps)));
   isa.pack_weights(data, int(p.out_channels), int(steps), p.packed.data());
-  const int64_t ntaps = steps / words;
-  p.pad_fix.resize(p.out_channels * ntaps);
-  for (int64_t t = 0; t < p.out_channels * ntaps; ++t) {
+  p.tap_popcount.resize(p.out_channels * steps / words);
+  for (size_t t = 0; t < p.tap_popcount.size(); ++t) {
     int32_t pop = 0;
     for (int64_t k = 0; k < words; ++k) pop += __builtin_popcountll(data[t * words + k]);
-    p.pad_fix[t] = 2 * pop - int32_t(channels);
+    p.tap_popcount[t] = pop;
   }
   return p;
 }
@@ -261,97 +293,96 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
 
   const Kernels& isa = *isa_;
   const int C = int(channels_), H = int(h_in), W = int(w_in), KH = int(kh_), KW = int(kw_);
-  const int ph = KH / 2, pw = KW / 2, Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const int ph = KH / 2, pw = KW / 2, Wp = W + 2 * pw;
   const ptrdiff_t unit = Words(C) * isa.words_per_word;  // packed words per pixel
   const ptrdiff_t plane = ptrdiff_t(H) * W;
-  const auto* xf = static_cast<const float*>(x.data);
-  const auto* thr = static_cast<const float*>(node_.Get(ctx, 1).data);
-
-  // 1. Binarize and pack X into a zero-bordered NHWC bit image (one unit per pixel).
-  std::vector<uint64_t> packed(size_t(n_images) * Hp * Wp * unit);
-  auto pack_row = [&](size_t r) {
-    const ptrdiff_t n = r / H, h = r % H;
-    isa.pack_planar(xf + n * C * plane + h * W, plane, C, W, thr,
-                    packed.data() + ((n * Hp + h + ph) * Wp + pw) * unit, unit);
-  };
-  ParallelFor(ctx, size_t(n_images) * H, pack_row);
-
-  // 2. Per output row: popcounts for tiles of TW pixels x all channels, exact border, epilogue.
   const int steps = KH * KW * int(Words(C));
-  std::vector<ptrdiff_t> x_offset(steps);
+  std::vector<ptrdiff_t> x_offset(steps);  // tap (i, j), word k of a pixel's window
   for (int t = 0, s = 0; t < KH * KW; ++t)
     for (int k = 0; k < Words(C); ++k) x_offset[s++] = ((t / KW) * Wp + t % KW) * unit + k * isa.words_per_word;
   const int O8 = int((O + 7) / 8 * 8);
-  const int TW = O8 <= 128 ? 64 : std::max(8, 8192 / O8 / 8 * 8);  // counts tile stays in L1
-  const size_t rows = size_t(n_images) * H, tasks = std::min<size_t>(rows, kMaxTasks);
-  std::vector<int32_t> counts_all(tasks * O8 * TW);
-  std::vector<float> tmp_all(tasks * TW);
+  const int TW = O8 <= 128 ? 64 : std::max(8, 8192 / O8 / 8 * 8);  // pixel tile: counts stay in L1
+  // Work unit: a band of output rows of one image. Its input rows (plus halo) are binarized into a
+  // zero-bordered NHWC bit buffer of about 256 KB, so packing streams X once and the popcount loop
+  // reads from L2.
+  const ptrdiff_t row_words = Wp * unit;
+  const int band = int(std::clamp<ptrdiff_t>((32768 / row_words) - 2 * ph, 4, 32));
+  const int bands_per_image = (H + band - 1) / band;
+  const size_t bands = size_t(n_images) * bands_per_image;
+  const auto* xf = static_cast<const float*>(x.data);
+  const auto* thr = static_cast<const float*>(node_.Get(ctx, 1).data);
   const auto* scale_f = static_cast<const float*>(scale.data);
   const auto* bias_f = static_cast<const float*>(bias.data);
   const auto* spatial_f = static_cast<const float*>(spatial.data);
   const auto* chan_f = static_cast<const float*>(chan.data);
   const int32_t full = KH * KW * C;
-  const int taps = KH * KW;
+  const EpilogueFn epilogue = SelectEpilogue(spatial_f, chan_f, bias_f, skip_);
+  std::atomic<bool> out_of_memory{false};
 
-  auto run_task = [&](size_t task) {
-    int32_t* counts = counts_all.data() + task * O8 * TW;
-    float* t = tmp_all.data() + task * TW;
-    for (size_t r = task * rows / tasks; r < (task + 1) * rows / tasks; ++r) {
-      const ptrdiff_t n = r / H;
-      const int h = int(r % H);
+  auto run_band = [&](size_t b) {
+    const ptrdiff_t n = b / bands_per_image;
+    const int h0 = int(b % bands_per_image) * band, h1 = std::min(H, h0 + band);
+    // Per-thread scratch, reused across bands and calls (tasks must not throw into the thread pool).
+    thread_local std::vector<uint64_t> packed;
+    thread_local std::vector<int32_t> counts, base, padded_popcount;
+    try {
+      packed.assign((h1 - h0 + 2 * ph) * row_words, 0);
+      counts.resize(size_t(O8) * TW);
+      base.resize(TW);
+      padded_popcount.resize(O);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+      return;
+    }
+    // Input rows r0..r1 of the band's windows; buffer row i holds image row h0 - ph + i.
+    const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);
+    isa.pack_planar(xf + n * C * plane + ptrdiff_t(r0) * W, plane, C, r1 - r0, W, thr,
+                    packed.data() + ((r0 - h0 + ph) * Wp + pw) * unit, unit, Wp);
+    int cached[4] = {-1, -1, -1, -1};  // valid tap ranges padded_popcount was computed for
+    for (int h = h0; h < h1; ++h) {
       const bool border_row = h < ph || h >= H - ph;
+      float* y_row = y + n * O * plane + ptrdiff_t(h) * W;
       for (int p0 = 0; p0 < W; p0 += TW) {
         const int np = std::min(TW, W - p0);
-        DotTile tile{packed.data() + ((n * Hp + h) * Wp + p0) * unit, unit, x_offset.data(), steps,
-                     np, wt.packed.data(), int(O), counts, TW, false};
-        isa.dot_tile(tile);
-        // Padded taps of pixel p0 + p: fix its dot product (see PreparedWeights).
-        auto fix = [&](int32_t* dot, const int32_t* pad_fix, int p) {
+        isa.dot_tile(DotTile{packed.data() + ((h - h0) * Wp + p0) * unit, unit, x_offset.data(), steps, np,
+                             wt.packed.data(), int(O), counts.data(), TW, false});
+        // Pixels whose window reaches into the padding: valid taps only (see PreparedWeights). The
+        // correction per channel is computed once per distinct set of valid taps.
+        std::fill(base.begin(), base.begin() + np, full);
+        auto fix = [&](int p) {
           const int w = p0 + p;
-          for (int i = 0; i < KH; ++i)
-            for (int j = 0; j < KW; ++j) {
-              const int hi = h + i - ph, wj = w + j - pw;
-              if (hi < 0 || hi >= H || wj < 0 || wj >= W) dot[p] += pad_fix[i * KW + j];
+          const int valid[4] = {std::max(0, ph - h), std::min(KH, H + ph - h), std::max(0, pw - w),
+                                std::min(KW, W + pw - w)};
+          if (!std::equal(valid, valid + 4, cached)) {
+            std::copy(valid, valid + 4, cached);
+            for (int o = 0; o < O; ++o) {
+              const int32_t* tap_popcount = wt.tap_popcount.data() + o * KH * KW;
+              int32_t sum = 0;
+              for (int i = 0; i < KH; ++i)
+                for (int j = 0; j < KW; ++j)
+                  if (i < valid[0] || i >= valid[1] || j < valid[2] || j >= valid[3]) sum += tap_popcount[i * KW + j];
+              padded_popcount[o] = sum;
             }
+          }
+          base[p] = (valid[1] - valid[0]) * (valid[3] - valid[2]) * C;
+          for (int o = 0; o < O; ++o) counts[o * TW + p] -= padded_popcount[o];
         };
+        const int left_end = border_row ? np : std::max(0, std::min(np, pw - p0));  // w < pw
+        for (int p = 0; p < left_end; ++p) fix(p);
+        for (int p = std::max(left_end, W - pw - p0); p < np; ++p) fix(p);  // w >= W - pw
+        Epilogue e{0.f, 1.f, 0.f, spatial_f ? spatial_f + n * plane + ptrdiff_t(h) * W + p0 : nullptr, nullptr};
         for (int o = 0; o < O; ++o) {
-          int32_t* dot = counts + o * TW;
-          for (int p = 0; p < np; ++p) dot[p] = full - 2 * dot[p];
-          const int32_t* pad_fix = wt.pad_fix.data() + o * taps;
-          if (border_row) {
-            for (int p = 0; p < np; ++p) fix(dot, pad_fix, p);
-          } else {
-            const int left_end = std::max(0, std::min(np, pw - p0));  // pixels w < pw
-            for (int p = 0; p < left_end; ++p) fix(dot, pad_fix, p);
-            for (int p = std::max(left_end, W - pw - p0); p < np; ++p) fix(dot, pad_fix, p);  // w >= W - pw
-          }
-          // Epilogue, in the order the PyTorch layer computes it.
-          const float s = scale_f[o];
-          for (int p = 0; p < np; ++p) t[p] = float(dot[p]) * s;
-          if (spatial_f) {
-            const float* sp = spatial_f + (n * H + h) * ptrdiff_t(W) + p0;
-            for (int p = 0; p < np; ++p) t[p] *= sp[p];
-          }
-          if (chan_f) {
-            const float c = chan_f[n * O + o];
-            for (int p = 0; p < np; ++p) t[p] *= c;
-          }
-          if (bias_f) {
-            const float b = bias_f[o];
-            for (int p = 0; p < np; ++p) t[p] += b;
-          }
-          float* out = y + (n * O + o) * plane + ptrdiff_t(h) * W + p0;
-          if (skip_) {
-            const float* xs = xf + (n * C + o) * plane + ptrdiff_t(h) * W + p0;
-            for (int p = 0; p < np; ++p) out[p] = t[p] + xs[p];
-          } else {
-            std::memcpy(out, t, np * sizeof(float));
-          }
+          e.scale = scale_f[o];
+          if (chan_f) e.channel_scale = chan_f[n * O + o];
+          if (bias_f) e.bias = bias_f[o];
+          if (skip_) e.skip = xf + (n * C + o) * plane + ptrdiff_t(h) * W + p0;
+          epilogue(e, base.data(), counts.data() + o * TW, np, y_row + o * plane + p0);
         }
       }
     }
   };
-  ParallelFor(ctx, tasks, run_task);
+  ParallelFor(ctx, bands, run_band);
+  if (out_of_memory) throw std::bad_alloc();
 }
 
 struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {

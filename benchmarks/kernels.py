@@ -1,0 +1,136 @@
+"""Kernel benchmark: srbinarize's BinaryConv2d / BinaryLinear against onnxruntime's FP32 Conv / MatMul.
+
+For each thread count and each kernel path this CPU supports, the binary op and the FP32 op run on
+the same input, interleaved run by run (so background load hits both alike); the table reports
+medians and the ratio FP32 / binary. Results go to stdout and benchmarks/results/kernels.md.
+
+    python benchmarks/kernels.py [--threads 1 2] [--runs 15] [--paths avx2 scalar]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from srbinarize.runtime import KERNEL_ENV, KERNEL_PATHS, kernel_supported, ort_session
+from srbinarize.runtime.opmodels import conv_model, fp32_conv_model, fp32_linear_model, linear_model
+from srbinarize.runtime.packing import pack_conv_weight, pack_linear_weight
+
+OUT = Path(__file__).resolve().parent / "results" / "kernels.md"
+FLAGS = ("popcnt", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq")
+
+
+def cpu_description() -> str:
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    have = ", ".join(f for f in FLAGS if f in flags) or "none of " + ", ".join(FLAGS)
+    return f"{model}, {os.cpu_count()} logical CPUs; flags: {have}"
+
+
+def session(model: bytes, threads: int, path: str | None = None):
+    if path is not None:
+        os.environ[KERNEL_ENV] = path  # read when the session creates its kernels
+    return ort_session(model, intra_op_num_threads=threads, inter_op_num_threads=1)
+
+
+def interleaved_medians(sessions: dict, feeds: dict, runs: int) -> dict:
+    """Median wall time (ms) of each session, runs interleaved; one warm-up run each."""
+    times = {name: [] for name in sessions}
+    for s in sessions.values():
+        s.run(None, feeds)
+    for _ in range(runs):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def conv_case(rng):
+    n, c, o, k, h, w = 1, 64, 64, 3, 256, 256
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weight = rng.standard_normal((o, c, k, k)).astype(np.float32) * 0.05
+    bias = rng.standard_normal(o).astype(np.float32)
+    scale = np.abs(weight).mean(axis=(1, 2, 3)).astype(np.float32)
+    binary = conv_model(np.zeros(c, np.float32), pack_conv_weight(weight), scale, bias, kernel_shape=(k, k), in_channels=c)
+    return f"Conv {k}x{k} {c}->{o}, {n}x{c}x{h}x{w}", x, fp32_conv_model(weight, bias), binary
+
+
+def linear_case(rng):
+    tokens, k, o = 4096, 180, 180
+    x = rng.standard_normal((1, tokens, k)).astype(np.float32)
+    weight = rng.standard_normal((o, k)).astype(np.float32) * 0.05
+    bias = rng.standard_normal(o).astype(np.float32)
+    scale = np.abs(weight).mean(axis=1).astype(np.float32)
+    binary = linear_model(np.zeros(k, np.float32), pack_linear_weight(weight), scale, bias, in_features=k)
+    return f"Linear {k}->{o}, 1x{tokens}x{k}", x, fp32_linear_model(weight, bias), binary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per op (median reported)")
+    parser.add_argument("--paths", nargs="+", choices=KERNEL_PATHS, help="kernel paths (default: all supported)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    paths = [p for p in (args.paths or KERNEL_PATHS) if kernel_supported(p)]
+    if not paths:
+        raise SystemExit("none of the requested kernel paths is supported by this CPU")
+    forced = os.environ.get(KERNEL_ENV)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for title, x, fp32_model, binary_model in (conv_case(rng), linear_case(rng)):
+        for threads in args.threads:
+            sessions = {"fp32": session(fp32_model, threads)}
+            sessions.update({p: session(binary_model, threads, p) for p in paths})
+            ms = interleaved_medians(sessions, {"X": x}, args.runs)
+            for p in paths:
+                rows.append(f"| {title} | {threads} | {p} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ms['fp32'] / ms[p]:.2f}x |")
+                print(rows[-1], flush=True)
+    if forced is None:
+        os.environ.pop(KERNEL_ENV, None)
+    else:
+        os.environ[KERNEL_ENV] = forced
+
+    import onnxruntime
+
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *(argv or sys.argv[1:])])
+    report = "\n".join(
+        [
+            "# Kernel benchmark",
+            "",
+            f"Command: `{command}`  ",
+            f"CPU: {cpu_description()}  ",
+            f"onnxruntime {onnxruntime.__version__}; median of {args.runs} runs, FP32 and binary runs interleaved;"
+            " speed-up = FP32 ms / binary ms. Binary ops include binarizing and packing the FP32 input and the"
+            " fused scale + bias epilogue; the FP32 ops include their bias.",
+            "",
+            "| op | threads | kernel path | onnxruntime FP32 ms | srbinarize ms | speed-up |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
