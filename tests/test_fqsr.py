@@ -212,12 +212,13 @@ def _ort(path, optimize: bool = True):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def test_qdq_export_runs_fused_and_matches(tmp_path):
+@pytest.mark.parametrize("bits_w", [8, 7])  # uint8 + 128 weights (u8u8 kernels) / int8 weights (u8s8)
+def test_qdq_export_runs_fused_and_matches(tmp_path, bits_w):
     import onnx
 
     from srbinarize.export.qdq import deployed_output, export_qdq
 
-    q = srbinarize.convert(edsr().eval(), "fqsr")
+    q = srbinarize.convert(edsr().eval(), "fqsr", bits_w=bits_w)
     path = export_qdq(q, tmp_path / "edsr_fqsr.onnx")
     opt_path = tmp_path / "opt.onnx"
     import onnxruntime as ort

@@ -6,13 +6,16 @@ What each FQSR piece becomes (zero points are 0, scales are the quantizers' step
   codes and 128 for signed ones (the int8 code + 128, exactly); below 8 bits a ``Clip`` to the code's
   range comes first (the opsets onnxruntime fuses have no 2..7-bit type; the clip keeps the M-bit
   semantics in the 8-bit container);
-- a conv's weights: the int8 code + 128 as a uint8 initializer (zero point 128) and ``DequantizeLinear``,
-  per tensor; its bias, when the input is quantized, an int32 initializer on the grid of input step x
-  weight step (what onnxruntime's integer kernels add) and ``DequantizeLinear``;
+- a conv's weights: up to 7 bits the int8 code itself (onnxruntime's fast u8s8 kernels), at 8 bits the
+  int8 code + 128 as a uint8 initializer (zero point 128), and ``DequantizeLinear``, per tensor; its bias,
+  when the input is quantized, an int32 initializer on the grid of input step x weight step (what
+  onnxruntime's integer kernels add) and ``DequantizeLinear``;
 
-Why uint8 everywhere (measured on this machine's CPU, AVX-512 without VNNI): onnxruntime's u8s8 kernels add
-pairs of u8 x s8 products in saturating int16, so full-range int8 weights gave outputs off by many steps,
-and it does not fuse an int8 activation with uint8 weights; all-uint8 (u8u8 kernels) is exact.
+Why (measured on this machine's CPU, AVX-512 without VNNI): onnxruntime's u8s8 kernels add pairs of
+u8 x s8 products in saturating int16, so full-range 8-bit weights in int8 gave outputs off by many steps;
+codes within [-64, 63] (7-bit weights) cannot saturate. 8-bit weights go to the exact u8u8 kernels,
+which on this CPU are no faster than FP32. onnxruntime does not fuse int8 activations with uint8
+weights, hence uint8 activations throughout.
 - a skip add: both operands through the shared quantizer's Q/DQ, ``Add``, the result's Q/DQ.
 
 So ``DQ -> Conv -> Q`` and ``DQ, DQ -> Add -> Q`` at 8 bits are exactly the patterns onnxruntime turns into
@@ -106,7 +109,11 @@ def _conv_codes(conv: FqsrConv2d) -> tuple[_Code | torch.Tensor, _Code | torch.T
         bias: _Code | torch.Tensor | None = None if conv.bias is None else conv.bias.detach().clone()
         if conv.weight_q is not None:
             w_step = float(conv.weight_q.step())
-            weight = _Code(conv.weight_q.integer(conv.weight), w_step, torch.uint8, 128)
+            code = conv.weight_q.integer(conv.weight)
+            lo, hi = conv.weight_q.qrange()
+            # codes within [-64, 63] cannot saturate the u8s8 kernels: int8, the fast path; else uint8 + 128
+            fits = lo >= -64 and hi <= 63
+            weight = _Code(code, w_step, torch.int8) if fits else _Code(code, w_step, torch.uint8, 128)
             if bias is not None and conv.input_q is not None:
                 b_step = float(conv.input_q.step()) * w_step
                 bias = _Code(torch.round(bias / b_step), b_step, torch.int32)
