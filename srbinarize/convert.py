@@ -24,7 +24,7 @@ from torch import nn
 from .graph.adds import insert_skip_adds, network_io_layers
 from .graph.chains import wire_extra_inputs
 from .graph.fold_bn import fold_bn_graph
-from .graph.partition import Plan, layer_kind, partition_by_order, partition_graph
+from .graph.partition import Plan, layer_kind, partition_exported, partition_graph
 from .graph.rewrite import build_replacements, select, swap
 from .graph.trace import TraceFailure, trace
 from .layers import LAYER_TYPES
@@ -82,7 +82,7 @@ def convert(
         if "add" in recipe.layers:  # the recipe replaces skip-connection adds: they become rows like layers
             insert_skip_adds(work, plan)
     except TraceFailure as err:
-        plan = partition_by_order(work, str(err))
+        plan = partition_exported(work, example, str(err))
         warnings.warn(plan.messages[0], stacklevel=2)
         if "add" in recipe.layers:
             plan.messages.append("skip adds are found in the traced graph only: none replaced")

@@ -18,7 +18,7 @@ from torch import fx, nn
 from .convert import _example_input, conversion_info, record_shapes
 from .graph.adds import insert_skip_adds
 from .graph.memory import ActivationMemory, activation_memory
-from .graph.partition import LayerRow, Plan, partition_by_order, partition_graph
+from .graph.partition import LayerRow, Plan, partition_exported, partition_graph
 from .graph.trace import TraceFailure, trace
 from .layers import QuantLayer
 
@@ -135,7 +135,7 @@ def _plan(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Plan]:
         insert_skip_adds(traced.module, plan)
         return traced.module, plan
     except TraceFailure as err:
-        return model, partition_by_order(model, str(err))
+        return model, partition_exported(model, example, str(err))
 
 
 def _layer_stats(row: LayerRow, module: nn.Module) -> LayerStats:

@@ -138,7 +138,7 @@ def test_untraceable_model_falls_back_to_module_paths():
                 feat = feat * 2
             return self.last(self.body(feat))
 
-    with pytest.warns(UserWarning, match="could not trace"):
+    with pytest.warns(UserWarning, match="could not be traced nor exported"):
         binary = srbinarize.convert(DataDependent())
     roles = {r.name: r.role for r in binary.srbinarize_info.plan.rows}
     assert roles == {"head": "head", "body": "body", "last": "tail"}

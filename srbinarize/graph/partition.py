@@ -7,6 +7,10 @@
 - body: the rest.
 An upsampling op applied to the image itself (MSRResNet's bicubic base) is not a feature upsampler.
 Names of modules play no part. The result is a `Plan`: one `LayerRow` per conv / linear.
+
+The graph is the torch.fx trace when the model traces (`partition_graph`), else the ATen graph of
+``torch.export`` (`partition_exported`), whose nodes remember the module they ran in; the same rules
+read both. Only when both fail do roles come from module registration order (`partition_by_order`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from torch import fx, nn
 LAYER_KINDS: dict[type, str] = {nn.Conv2d: "conv2d", nn.Linear: "linear", nn.ConvTranspose2d: "conv_transpose2d"}
 _UPSAMPLE_MODULES = (nn.PixelShuffle, nn.Upsample, nn.ConvTranspose2d)
 _UPSAMPLE_FUNCTIONS = {F.pixel_shuffle, F.interpolate, F.upsample, torch.pixel_shuffle}
-_SHUFFLES_MODULES = (nn.PixelShuffle,)
-_ADDS = {operator.add, operator.iadd, torch.add}
+_SHUFFLE_FUNCTIONS = {F.pixel_shuffle, torch.pixel_shuffle, torch.ops.aten.pixel_shuffle.default}
+_ADDS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}
+_ATEN_LAYERS = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default, torch.ops.aten.convolution.default,
+                torch.ops.aten.conv_transpose2d.input}
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -86,20 +92,8 @@ def _contains_layers(module: nn.Module) -> bool:
     return any(layer_kind(m) for m in module.modules())
 
 
-def _is_upsample(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _UPSAMPLE_MODULES)
-    return node.op == "call_function" and node.target in _UPSAMPLE_FUNCTIONS
-
-
-def _is_shuffle(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _SHUFFLES_MODULES)
-    return node.op == "call_function" and node.target in (F.pixel_shuffle, torch.pixel_shuffle)
-
-
 def is_add(node: fx.Node) -> bool:
-    """An element-wise add of two tensors (`+`, `+=`, torch.add, Tensor.add / add_)."""
+    """An element-wise add of two tensors (`+`, `+=`, torch.add, Tensor.add / add_, aten.add)."""
     tensor_args = [a for a in node.args if isinstance(a, fx.Node)]
     if len(tensor_args) != 2:
         return False
@@ -108,13 +102,24 @@ def is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
-def partition_graph(gm: fx.GraphModule, leaves: list[str]) -> Plan:
-    """Assign a role to every layer node of a traced model (layers inside leaves inherit their leaf's)."""
-    modules = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
-    layer_nodes = [n for n in nodes if n.op == "call_module" and _contains_layers(modules[n.target])]
-    is_layer = set(layer_nodes)
+def _is_aten_upsample(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (name.startswith(("upsample_", "_upsample_", "pixel_shuffle"))
+                                           or node.target is torch.ops.aten.conv_transpose2d.input)
 
+
+@dataclass
+class _Graph:
+    """What the role rules need from a graph: its nodes, which are layers, which upsample or shuffle."""
+
+    nodes: list[fx.Node]
+    layer_names: dict[fx.Node, str]  # layer node -> path of the module (a layer, or a leaf holding layers)
+    upsamples: set[fx.Node]
+    shuffles: set[fx.Node]
+
+
+def _roles(g: _Graph) -> tuple[dict[fx.Node, str], fx.Node | None]:
+    nodes, is_layer = g.nodes, set(g.layer_names)
     after_layer: dict[fx.Node, bool] = {}  # some layer is an ancestor
     for n in nodes:
         after_layer[n] = any(p in is_layer or after_layer[p] for p in n.all_input_nodes)
@@ -122,53 +127,99 @@ def partition_graph(gm: fx.GraphModule, leaves: list[str]) -> Plan:
     for n in reversed(nodes):
         before_layer[n] = any(u in is_layer or before_layer[u] for u in n.users)
 
-    head = {n for n in layer_nodes if not after_layer[n]}
+    head = {n for n in is_layer if not after_layer[n]}
     tail: set[fx.Node] = set()
-    # The upsampler and everything after it. ConvTranspose is itself the upsampler.
-    for n in nodes:
-        if _is_upsample(n, modules) and (after_layer[n] or n in is_layer):
+    for n in nodes:  # the upsampler and everything after it; a ConvTranspose is itself the upsampler
+        if n in g.upsamples and (after_layer[n] or n in is_layer):
             if n in is_layer:
                 tail.add(n)
             tail |= _descendants(n) & is_layer
-    # Convs feeding a pixel shuffle through single-input ops only: the upsampler's convs.
-    for n in layer_nodes:
-        if _reaches_shuffle(n, modules, is_layer):
-            tail.add(n)
-    tail |= {n for n in layer_nodes if not before_layer[n]}
-
-    global_residual = _global_residual(nodes, head, is_layer, tail)
+    tail |= {n for n in is_layer if _reaches_shuffle(n, g.shuffles, is_layer)}  # the upsampler's convs
+    tail |= {n for n in is_layer if not before_layer[n]}
+    global_residual = _global_residual(nodes, head, is_layer, after_layer)
     if global_residual is not None:
         tail |= _descendants(global_residual) & is_layer
     tail -= head
+    roles = {n: "head" if n in head else "tail" if n in tail else "body" for n in is_layer}
+    return roles, global_residual
 
+
+def partition_graph(gm: fx.GraphModule, leaves: list[str]) -> Plan:
+    """Roles of the layers of a traced model; layers inside a leaf (untraceable block) inherit its role."""
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    calls = {n: modules[n.target] for n in nodes if n.op == "call_module"}
+    g = _Graph(
+        nodes,
+        {n: n.target for n, m in calls.items() if _contains_layers(m)},
+        {n for n, m in calls.items() if isinstance(m, _UPSAMPLE_MODULES)}
+        | {n for n in nodes if n.op == "call_function" and n.target in _UPSAMPLE_FUNCTIONS},
+        {n for n, m in calls.items() if isinstance(m, nn.PixelShuffle)}
+        | {n for n in nodes if n.op == "call_function" and n.target in _SHUFFLE_FUNCTIONS},
+    )
+    roles, residual = _roles(g)
     rows: list[LayerRow] = []
-    for n in layer_nodes:
-        role = "head" if n in head else "tail" if n in tail else "body"
-        module = modules[n.target]
+    for n, path in g.layer_names.items():
+        module = modules[path]
         if layer_kind(module):
-            rows.append(LayerRow(n.target, layer_kind(module), role, describe_layer(module), _params(module)))
+            rows.append(LayerRow(path, layer_kind(module), roles[n], describe_layer(module), _params(module)))
             continue
         for sub_name, sub in module.named_modules():
             if layer_kind(sub):
-                rows.append(
-                    LayerRow(f"{n.target}.{sub_name}", layer_kind(sub), role, describe_layer(sub), _params(sub),
-                             in_leaf=n.target)
-                )
-    return Plan(rows, traced=True, global_residual=global_residual.name if global_residual else None, leaves=leaves)
+                rows.append(LayerRow(f"{path}.{sub_name}", layer_kind(sub), roles[n], describe_layer(sub),
+                                     _params(sub), in_leaf=path))
+    return Plan(rows, traced=True, global_residual=residual.name if residual else None, leaves=leaves)
+
+
+def partition_exported(model: nn.Module, example: torch.Tensor, reason: str) -> Plan:
+    """Roles from the ATen graph of ``torch.export`` (for models torch.fx cannot trace).
+
+    The model itself is left as it is: its layers are then replaced by module path.
+    """
+    message = f"torch.fx could not trace the model ({reason}); roles come from its torch.export graph"
+    try:
+        exported = torch.export.export(model, (example,), strict=False)
+    except Exception as err:
+        return partition_by_order(model, f"{reason}; torch.export: {type(err).__name__}: {str(err).splitlines()[0]}")
+    modules = dict(model.named_modules())
+    nodes = list(exported.graph_module.graph.nodes)
+    layer_names = {}
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") if n.op == "call_function" and n.target in _ATEN_LAYERS else None
+        path = next(iter(reversed(stack.values())))[0] if stack else None
+        if path in modules and layer_kind(modules[path]):
+            layer_names[n] = path
+    g = _Graph(nodes, layer_names, {n for n in nodes if _is_aten_upsample(n)},
+               {n for n in nodes if n.op == "call_function" and n.target in _SHUFFLE_FUNCTIONS})
+    roles, residual = _roles(g)
+    rows, seen = [], set()
+    for n, path in layer_names.items():
+        if path not in seen:  # a module called twice keeps the role of its first call
+            seen.add(path)
+            m = modules[path]
+            rows.append(LayerRow(path, layer_kind(m), roles[n], describe_layer(m), _params(m)))
+    order = {name: i for i, name in enumerate(name for name, m in model.named_modules() if layer_kind(m))}
+    rows += [LayerRow(name, layer_kind(modules[name]), "body", describe_layer(modules[name]),
+                      _params(modules[name]), note="never called on the example input")
+             for name in order if name not in seen]
+    return Plan(rows, traced=False, global_residual=residual.name if residual else None, messages=[message])
 
 
 def partition_by_order(model: nn.Module, reason: str) -> Plan:
-    """Fallback when the model cannot be traced: roles from module registration order.
+    """Last resort when no graph can be had: roles from module registration order.
 
-    First layer = head; layers registered after the first upsampling module, and the last layer = tail.
+    First layer = head; layers registered after the first upsampling module, layers sharing a container
+    with a PixelShuffle, and the last layer = tail.
     """
     named = [(name, m) for name, m in model.named_modules() if layer_kind(m)]
+    shuffle_parents = {name.rpartition(".")[0] for name, m in model.named_modules() if isinstance(m, nn.PixelShuffle)}
     upsample_seen, rows = False, []
     for i, (name, m) in enumerate(named):
         upsample_seen |= any(isinstance(s, _UPSAMPLE_MODULES) for s in _modules_before(model, name))
-        role = "head" if i == 0 else "tail" if upsample_seen or i == len(named) - 1 else "body"
+        in_upsampler = name.rpartition(".")[0] in shuffle_parents
+        role = "head" if i == 0 else "tail" if upsample_seen or in_upsampler or i == len(named) - 1 else "body"
         rows.append(LayerRow(name, layer_kind(m), role, describe_layer(m), _params(m)))
-    message = f"torch.fx could not trace the model ({reason}); roles come from module registration order"
+    message = f"the model could not be traced nor exported ({reason}); roles come from module registration order"
     return Plan(rows, traced=False, messages=[message])
 
 
@@ -192,11 +243,12 @@ def _descendants(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _reaches_shuffle(node: fx.Node, modules: dict[str, nn.Module], is_layer: set[fx.Node]) -> bool:
+def _reaches_shuffle(node: fx.Node, shuffles: set[fx.Node], is_layer: set[fx.Node]) -> bool:
+    """The node's output reaches a pixel shuffle through single-input ops only."""
     stack = list(node.users)
     while stack:
         n = stack.pop()
-        if _is_shuffle(n, modules):
+        if n in shuffles:
             return True
         if n in is_layer or len(n.all_input_nodes) > 1:
             continue
@@ -204,15 +256,24 @@ def _reaches_shuffle(node: fx.Node, modules: dict[str, nn.Module], is_layer: set
     return False
 
 
-def _global_residual(nodes, head, is_layer, tail) -> fx.Node | None:
-    """The add that joins the head's output to the body's: only tail layers come after it."""
+def _global_residual(nodes, head, is_layer, after_layer) -> fx.Node | None:
+    """The add that joins the head's output to the body's output.
+
+    The last add with a head-output operand and a body-output operand, after which no add merges two
+    feature branches (an add of the upsampled image, as in MSRResNet, is not a feature merge).
+    """
     head_outputs = set(head)
     for n in nodes:  # single-input ops right after a head layer still carry the head output
         if n not in is_layer and len(n.all_input_nodes) == 1 and n.all_input_nodes[0] in head_outputs:
             head_outputs.add(n)
     for n in reversed(nodes):
-        if not is_add(n) or not any(a in head_outputs for a in n.all_input_nodes):
+        operands = n.all_input_nodes
+        if not is_add(n) or not any(a in head_outputs for a in operands):
             continue
-        if _descendants(n) & is_layer <= tail:
+        if not all(a in head_outputs or (after_layer[a] or a in is_layer) for a in operands):
+            continue
+        later_merges = [d for d in _descendants(n) if is_add(d) and all(after_layer[a] or a in is_layer
+                                                                          for a in d.all_input_nodes)]
+        if not later_merges:
             return n
     return None

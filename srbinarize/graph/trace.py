@@ -45,11 +45,13 @@ class _AutoLeafTracer(fx.Tracer):
         if m is self.root or self.is_leaf_module(m, self.path_of_module(m)):
             return super().call_module(m, forward, args, kwargs)
         checkpoint = list(self.graph.nodes)[-1] if len(self.graph.nodes) else None
+        module_stack = self.module_stack.copy()
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             # Drop what the failed attempt recorded, then keep the module whole.
             _erase_after(self.graph, checkpoint)
+            self.module_stack = module_stack
             path = self.path_of_module(m)
             self.auto_leaves.append(path)
             return self.create_proxy("call_module", path, args, kwargs)
