@@ -47,8 +47,17 @@ def find_include(include: str | os.PathLike | None = None) -> Path:
     )
 
 
-def build(output: str | os.PathLike, include: str | os.PathLike | None = None, sanitize: bool = False) -> Path:
-    """Compile and link the library to `output`; returns its path."""
+def build(
+    output: str | os.PathLike,
+    include: str | os.PathLike | None = None,
+    sanitize: bool = False,
+    emulate_avx512: bool = False,
+) -> Path:
+    """Compile and link the library to `output`; returns its path.
+
+    emulate_avx512 (tests only): the AVX-512 kernels with their intrinsics emulated in plain C++
+    (kernels/testing/avx512_emulation.h) and offered wherever AVX2 runs.
+    """
     include = find_include(include)
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
@@ -56,6 +65,10 @@ def build(output: str | os.PathLike, include: str | os.PathLike | None = None, s
     output = Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     flags = COMMON + (SANITIZE if sanitize else []) + [f"-I{include}"]
+    sources = dict(SOURCES)
+    if emulate_avx512:
+        sources["kernel_avx512.cc"] = ["-mavx2", "-mpopcnt", "-include", str(HERE / "testing" / "avx512_emulation.h")]
+        sources["dispatch.cc"] = ["-DSRB_EMULATED_AVX512"]
     with tempfile.TemporaryDirectory() as tmp:
 
         def compile_one(item):
@@ -69,7 +82,7 @@ def build(output: str | os.PathLike, include: str | os.PathLike | None = None, s
             return obj
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            objects = list(pool.map(compile_one, SOURCES.items()))
+            objects = list(pool.map(compile_one, sources.items()))
         link = [cxx, *flags, "-shared", *map(str, objects), "-o", str(output)]
         run = subprocess.run(link, capture_output=True, text=True)
         if run.returncode:
@@ -82,8 +95,9 @@ def main(argv=None) -> None:
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--include", help="onnxruntime headers directory")
     parser.add_argument("--sanitize", action="store_true", help="AddressSanitizer + UBSan build")
+    parser.add_argument("--emulate-avx512", action="store_true", help="tests: AVX-512 kernels in emulation")
     args = parser.parse_args(argv)
-    print(build(args.output, args.include, args.sanitize))
+    print(build(args.output, args.include, args.sanitize, args.emulate_avx512))
 
 
 if __name__ == "__main__":

@@ -1,29 +1,59 @@
 """The onnxruntime kernel library: every dispatch path against NumPy references, and bad models.
 
 Integer checks use scale = 1 and no epilogue, so the output is the exact integer dot product.
-Paths this CPU cannot run are skipped with the reason. To run the file against another build of the
-library (e.g. the sanitized one, see kernels/build_sanitized.sh) set SRBINARIZE_ORT_LIBRARY.
+Paths this CPU cannot run are skipped with the reason; on CPUs without AVX-512 the AVX-512 kernel code
+still runs, built with emulated intrinsics. To run the file against another build of the library
+(e.g. the sanitized one, see kernels/build_sanitized.sh) set SRBINARIZE_ORT_LIBRARY.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from srbinarize.runtime import KERNEL_ENV, KERNEL_PATHS, kernel_path, kernel_supported, ort_session
+from srbinarize.runtime import KERNEL_ENV, KERNEL_PATHS, LIBRARY_ENV, kernel_path, kernel_supported, ort_session
 from srbinarize.runtime.opmodels import conv_model, linear_model
 from srbinarize.runtime.packing import binary_conv2d_dot, pack_conv_weight, pack_linear_weight
 
+ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(params=KERNEL_PATHS)
+
+@pytest.fixture(scope="session")
+def emulated_avx512_library(tmp_path_factory):
+    """The library built with the AVX-512 kernels' intrinsics emulated in C++ (kernels/testing)."""
+    spec = importlib.util.spec_from_file_location("kernels_build", ROOT / "kernels" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    try:
+        return build.build(tmp_path_factory.mktemp("emulated") / "libsrbinarize_ort.so", emulate_avx512=True)
+    except SystemExit as err:
+        pytest.skip(f"cannot build the emulated AVX-512 library: {err}")
+
+
+@pytest.fixture(params=[*KERNEL_PATHS, "avx512-emulated"])
 def path(request, monkeypatch):
-    """Forces one kernel path (skipped where the CPU lacks it)."""
-    if not kernel_supported(request.param):
-        pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    monkeypatch.setenv(KERNEL_ENV, request.param)
-    assert kernel_path() == request.param
-    return request.param
+    """Forces one kernel path (skipped where the CPU lacks it).
+
+    "avx512-emulated" runs the AVX-512 kernel code on CPUs without AVX-512, with its intrinsics
+    emulated: it checks the kernel's logic, the real instructions being checked where they exist.
+    """
+    name = request.param
+    if name == "avx512-emulated":
+        if kernel_supported("avx512"):
+            pytest.skip("this CPU runs the real AVX-512 kernels")
+        if not kernel_supported("avx2"):
+            pytest.skip("the emulated AVX-512 build needs AVX2")
+        monkeypatch.setenv(LIBRARY_ENV, str(request.getfixturevalue("emulated_avx512_library")))
+        name = "avx512"
+    if not kernel_supported(name):
+        pytest.skip(f"this CPU cannot run the {name} kernels")
+    monkeypatch.setenv(KERNEL_ENV, name)
+    assert kernel_path() == name
+    return name
 
 
 def _signs(rng, shape):

@@ -19,6 +19,7 @@ __all__ = [
     "DOMAIN",
     "KERNEL_ENV",
     "KERNEL_PATHS",
+    "LIBRARY_ENV",
     "kernel_path",
     "kernel_supported",
     "library_path",
@@ -30,13 +31,13 @@ __all__ = [
 DOMAIN = "srbinarize"
 KERNEL_ENV = "SRBINARIZE_KERNEL"
 KERNEL_PATHS = ("avx512", "avx2", "scalar")
-_LIBRARY_ENV = "SRBINARIZE_ORT_LIBRARY"  # use another build of the library (e.g. the sanitized one)
+LIBRARY_ENV = "SRBINARIZE_ORT_LIBRARY"  # use another build of the library (e.g. the sanitized one)
 _LIBRARY_NAME = "libsrbinarize_ort.so"
 
 
 def library_path() -> Path:
     """Path of the custom-op library ($SRBINARIZE_ORT_LIBRARY, else the one installed in this package)."""
-    path = Path(os.environ.get(_LIBRARY_ENV) or Path(__file__).with_name(_LIBRARY_NAME))
+    path = Path(os.environ.get(LIBRARY_ENV) or Path(__file__).with_name(_LIBRARY_NAME))
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the srbinarize kernel library is built by `pip install .` (or `pip install -e .`)"
