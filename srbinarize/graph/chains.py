@@ -156,6 +156,25 @@ def find_chains(
     return result
 
 
+def residual_blocks(model: nn.Module, plan: Plan, names: Sequence[str]) -> dict[str, str] | None:
+    """The layers of ``names`` that sit in a residual block holding no smaller one -> that block's label.
+
+    Layers only in an enclosing region (EDSR's conv after the body, inside the global residual) are not
+    in a block. None when the model was not traced (blocks unknown).
+    """
+    if not isinstance(model, fx.GraphModule):
+        return None
+    calls: dict[str, list[fx.Node]] = {}
+    for node in model.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    node_of = {n: calls[n][0] for n in names if len(calls.get(n, [])) == 1}
+    regions = _residual_regions(model.graph, set(node_of.values()))
+    leaves = [r for r in regions if not any(other.nodes < r.nodes for other in regions)]
+    members = [[n for n in names if n in node_of and node_of[n] in r.nodes] for r in leaves]
+    return {n: _label(group) for group in members for n in group}
+
+
 def wire_extra_inputs(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
     """Pass each replacement the input tensors of the layers its ``extra_inputs()`` names, in that order."""
     wanted = {name: layer.extra_inputs() for name, layer in replacements.items() if layer.extra_inputs()}
