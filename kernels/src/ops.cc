@@ -405,6 +405,29 @@ struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
 // BinaryLinear
 // ------------------------------------------------------------------------------------------------
 
+// One token's outputs, vectorized over channels, same fp32 order as BinaryConv2d's epilogue.
+template <bool kSpatial, bool kBias, bool kSkip>
+void LinearEpilogue(int features, const int32_t* count, int n, const float* scale, const float* spatial,
+                    const float* bias, const float* x, float* out) {
+  for (int o = 0; o < n; ++o) {
+    float t = float(features - 2 * count[o]) * scale[o];
+    if (kSpatial) t *= *spatial;
+    if (kBias) t += bias[o];
+    if (kSkip) t += x[o];
+    out[o] = t;
+  }
+}
+
+using LinearEpilogueFn = void (*)(int, const int32_t*, int, const float*, const float*, const float*,
+                                  const float*, float*);
+
+LinearEpilogueFn SelectLinearEpilogue(bool spatial, bool bias, bool skip) {
+  static const LinearEpilogueFn table[8] = {LinearEpilogue<0, 0, 0>, LinearEpilogue<0, 0, 1>, LinearEpilogue<0, 1, 0>,
+                                            LinearEpilogue<0, 1, 1>, LinearEpilogue<1, 0, 0>, LinearEpilogue<1, 0, 1>,
+                                            LinearEpilogue<1, 1, 0>, LinearEpilogue<1, 1, 1>};
+  return table[spatial * 4 + bias * 2 + skip];
+}
+
 class LinearKernel {
  public:
   explicit LinearKernel(const OrtKernelInfo* raw_info) {
@@ -489,6 +512,7 @@ void LinearKernel::Compute(OrtKernelContext* context) const {
   const auto* bias_f = static_cast<const float*>(bias.data);
   const auto* spatial_f = static_cast<const float*>(spatial.data);
 
+  const LinearEpilogueFn epilogue = SelectLinearEpilogue(spatial_f, bias_f, skip_);
   auto run_task = [&](size_t task) {
     uint64_t* packed = packed_all.data() + task * TB * unit;
     int32_t* counts = counts_all.data() + task * TB * O8;
@@ -499,19 +523,8 @@ void LinearKernel::Compute(OrtKernelContext* context) const {
       isa.dot_tile(DotTile{packed, unit, x_offset.data(), words, nm, wt.packed.data(), int(O),
                            counts, O8, true});
       for (int i = 0; i < nm; ++i) {
-        const int32_t* c = counts + i * O8;
-        float* out = y + (m0 + i) * O;
-        for (int o = 0; o < O; ++o) out[o] = float(K - 2 * c[o]) * scale_f[o];
-        if (spatial_f) {
-          const float sp = spatial_f[m0 + i];
-          for (int o = 0; o < O; ++o) out[o] *= sp;
-        }
-        if (bias_f)
-          for (int o = 0; o < O; ++o) out[o] += bias_f[o];
-        if (skip_) {
-          const float* xs = xf + (m0 + i) * K;
-          for (int o = 0; o < O; ++o) out[o] += xs[o];
-        }
+        const float* sp = spatial_f ? spatial_f + m0 + i : nullptr;
+        epilogue(K, counts + i * O8, int(O), scale_f, sp, bias_f, xf + (m0 + i) * K, y + (m0 + i) * O);
       }
     }
   };
