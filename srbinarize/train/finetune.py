@@ -445,7 +445,11 @@ def finetune(
     # ---- objective, optimizer, schedule
     taps = (None, None)
     if cfg.feature_distill_weight and info is not None:
-        names = [r.name for r in info.plan.rows if r.replaced_by]
+        # converted layers that have an FP counterpart of the same name in the teacher (not inserted skip adds)
+        teacher_modules = dict(teacher.named_modules())
+        names = [r.name for r in info.plan.rows if r.replaced_by and r.name in teacher_modules]
+        if not names:
+            raise FinetuneError("feature distillation: no converted layer has a counterpart in the teacher")
         taps = (FeatureTap(student, names), FeatureTap(teacher, names))
     objective = Objective(cfg.l1_weight, cfg.distill_weight, cfg.feature_distill_weight, cfg.extra_losses, *taps)
     params = [p for p in student.parameters() if p.requires_grad]

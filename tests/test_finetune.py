@@ -1,0 +1,232 @@
+"""The finetune loop: it learns, resumes bit for bit (also after SIGKILL), saves on Ctrl-C, explains bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA
+from PIL import Image
+
+from srbinarize.checkpoint import load_model
+from srbinarize.models.spec import ModelSpec
+from srbinarize.models.zoo import save_fp_model
+from srbinarize.train.checkpoints import list_checkpoints
+from srbinarize.train.data import DataError
+from srbinarize.train.finetune import FinetuneError, finetune
+from srbinarize.train.losses import LossError
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_data = pytest.mark.skipif(not (DATA / "BSD100").is_dir(), reason="../shared/data not present")
+TINY = {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 2, "upscale": 2}
+
+
+def _crops(src: Path, dest: Path, n: int, size: int = 96) -> Path:
+    (dest / "HR").mkdir(parents=True, exist_ok=True)
+    for p in sorted(src.glob("*.png"))[:n]:
+        img = np.asarray(Image.open(p).convert("RGB"))
+        h, w = img.shape[:2]
+        Image.fromarray(img[(h - size) // 2 : (h + size) // 2, (w - size) // 2 : (w + size) // 2]).save(
+            dest / "HR" / p.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Small crops of BSD100 (train) and Set5 (val) and a tiny EDSR x2 checkpoint."""
+    if not (DATA / "BSD100").is_dir():
+        pytest.skip("../shared/data not present")
+    root = tmp_path_factory.mktemp("finetune")
+    train = _crops(DATA / "BSD100" / "HR", root / "train", 6)
+    val = _crops(DATA / "Set5" / "HR", root / "val", 2, 64)
+    torch.manual_seed(0)
+    spec = ModelSpec("basicsr.archs.edsr_arch:EDSR", TINY)
+    model = save_fp_model(spec.build(), spec, root / "tiny_x2.safetensors", dtype=torch.float32)
+    return {"root": root, "train": train, "val": val, "model": model}
+
+
+def _common(setup, **kw):
+    base = dict(train=setup["train"], val=setup["val"], batch=4, patch=16, workers=0, threads=1, progress=False,
+                save_seconds=1e9)
+    base.update(kw)
+    return base
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out.append((rec["step"], rec["loss"]))
+    return out
+
+
+def test_finetuning_learns_and_writes_the_run_folder(setup):
+    run = setup["root"] / "learns"
+    result = finetune(str(setup["model"]), "scales", out=run, steps=40, lr=3e-3, val_every=20,
+                      **_common(setup))
+    converted = result.baselines["val"]["converted"]
+    assert result.step == 40 and not result.interrupted
+    assert result.final_val["val"]["psnr"] > converted + 1.0, (converted, result.final_val)
+    for name in ("config.json", "train.log", "metrics.jsonl", "curves.png", "crops.png", "summary.json",
+                 "teacher.safetensors", "converted.safetensors", "best.safetensors", "final.safetensors"):
+        assert (run / name).is_file(), name
+    steps = [s for s, _ in _losses(run)]
+    assert steps == list(range(1, 41))
+    assert "l1" in json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    best = load_model(run / "best.safetensors")
+    assert sum(p.numel() for p in best.parameters()) == sum(p.numel() for p in result.model.parameters())
+    assert Image.open(run / "crops.png").width > 4 * 96
+
+
+def test_resume_continues_bit_for_bit(setup):
+    kw = _common(setup, steps=8, val_every=4, save_every=3)
+    full = finetune(str(setup["model"]), "scales", out=setup["root"] / "full", **kw)
+    part = finetune(str(setup["model"]), "scales", out=setup["root"] / "part", max_steps_this_call=5, **kw)
+    assert part.interrupted and part.step == 5
+    resumed = finetune(resume=setup["root"] / "part", progress=False)
+    assert resumed.step == 8
+    assert _losses(setup["root"] / "part") == _losses(setup["root"] / "full")
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "srbinarize.cli", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _finetune_args(setup, run: Path, steps: int) -> list[str]:
+    return ["finetune", str(setup["model"]), "--train", str(setup["train"]), "--val", str(setup["val"]),
+            "--steps", str(steps), "--batch", "4", "--patch", "16", "--workers", "2", "--threads", "1",
+            "--save-every", "1", "--val-every", "1000", "--quiet", "-o", str(run)]
+
+
+def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if (run / "metrics.jsonl").is_file() and len(_losses_lenient(run)) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{run}: fewer than {n} steps after {timeout} s")
+
+
+def _losses_lenient(run: Path) -> list:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in rec:
+            out.append(rec)
+    return out
+
+
+def test_sigkill_mid_run_then_resume_joins_the_uninterrupted_curve(setup):
+    steps = 14
+    reference = setup["root"] / "ref_cli"
+    subprocess.run(_cli(*_finetune_args(setup, reference, steps)), check=True, env=_env(), cwd=ROOT,
+                   capture_output=True)
+    killed = setup["root"] / "killed"
+    proc = subprocess.Popen(_cli(*_finetune_args(setup, killed, steps)), env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_steps(killed, 6, proc)
+    os.kill(proc.pid, signal.SIGKILL)  # checkpoints are written every step: likely mid-write
+    proc.communicate()
+    done = list_checkpoints(killed)
+    assert done and done[-1][0] < steps
+    for _, path in done:  # every checkpoint folder that exists is complete and loads
+        load_model(path / "model.safetensors")
+    r = subprocess.run(_cli("finetune", "--resume", str(killed), "--quiet"), env=_env(), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _losses(killed) == _losses(reference)
+    a = load_model(reference / "final.safetensors").state_dict()
+    b = load_model(killed / "final.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(p.name.startswith(".tmp") for p in (killed / "checkpoints").iterdir())
+
+
+def test_ctrl_c_saves_and_exits_cleanly(setup):
+    run = setup["root"] / "ctrl_c"
+    proc = subprocess.Popen(_cli(*_finetune_args(setup, run, 10_000)), env=_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in out
+    step = list_checkpoints(run)[-1][0]
+    assert step == len(_losses(run))  # the checkpoint holds every step that was logged
+
+
+def test_feature_distillation_and_recipe_extra_losses(setup):
+    run = setup["root"] / "extras"
+    finetune(str(setup["model"]), "fqsr", out=run, steps=2, feature_distill_weight=0.5, **_common(setup))
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"l1", "distill", "feature", "sqcl"} <= set(first), first  # sqcl is declared by recipes/fqsr.yaml
+    with pytest.raises(LossError, match="unknown extra loss 'nope'"):
+        finetune(str(setup["model"]), "scales", out=setup["root"] / "bad_loss", steps=1, extra_losses={"nope": 1.0},
+                 **_common(setup))
+
+
+def test_distillation_off_needs_no_teacher_forward(setup):
+    run = setup["root"] / "no_distill"
+    finetune(str(setup["model"]), "scales", out=run, steps=2, distill_weight=0.0, **_common(setup))
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert "distill" not in first and "l1" in first
+
+
+def test_bad_input_gives_clear_messages(setup, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no images"):
+        finetune(str(setup["model"]), out=tmp_path / "a", steps=1, **_common(setup, train=empty))
+    with pytest.raises(DataError, match="smaller than the HR patch"):
+        finetune(str(setup["model"]), out=tmp_path / "b", steps=1, **_common(setup, patch=64))
+    with pytest.raises(FinetuneError, match="exactly one budget"):
+        finetune(str(setup["model"]), out=tmp_path / "c", **_common(setup))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text("{}")
+    with pytest.raises(FinetuneError, match="already holds a run"):
+        finetune(str(setup["model"]), out=tmp_path / "e", steps=1, **_common(setup))
+    r = subprocess.run(_cli("finetune", str(setup["model"]), "--scale", "4", "--train", str(setup["train"]),
+                            "--steps", "1", "-o", str(tmp_path / "d")), env=_env(), cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "is a x2 model" in r.stderr and "--scale 4" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_eval_prints_the_table_for_a_run(setup):
+    run = setup["root"] / "learns"
+    if not (run / "final.safetensors").is_file():
+        pytest.skip("needs test_finetuning_learns_and_writes_the_run_folder")
+    r = subprocess.run(_cli("eval", str(run), "--data", str(setup["val"])), env=_env(), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for row in ("| bicubic |", "| FP teacher |", "| converted (no finetune) |", "| finetuned (final, step 40) |"):
+        assert row in r.stdout, r.stdout
+    assert "PSNR / SSIM" in r.stdout
+
+
+@needs_data
+def test_minutes_budget_is_kept(setup):
+    run = setup["root"] / "minutes"
+    t0 = time.time()
+    result = finetune(str(setup["model"]), "scales", out=run, minutes=0.25, **_common(setup))
+    assert time.time() - t0 < 0.25 * 60 + 20
+    assert result.total_steps >= 5 and (run / "final.safetensors").is_file()
+    assert json.loads((run / "config.json").read_text())["total_steps"] == result.total_steps
