@@ -67,7 +67,9 @@ def conv_case(rng):
     weight = rng.standard_normal((o, c, k, k)).astype(np.float32) * 0.05
     bias = rng.standard_normal(o).astype(np.float32)
     scale = np.abs(weight).mean(axis=(1, 2, 3)).astype(np.float32)
-    binary = conv_model(np.zeros(c, np.float32), pack_conv_weight(weight), scale, bias, kernel_shape=(k, k), in_channels=c)
+    binary = conv_model(
+        np.zeros(c, np.float32), pack_conv_weight(weight), scale, bias, kernel_shape=(k, k), in_channels=c
+    )
     return f"Conv {k}x{k} {c}->{o}, {n}x{c}x{h}x{w}", x, fp32_conv_model(weight, bias), binary
 
 
@@ -93,6 +95,7 @@ def main(argv=None) -> None:
         raise SystemExit("none of the requested kernel paths is supported by this CPU")
     forced = os.environ.get(KERNEL_ENV)
 
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1/5/15 min, {os.cpu_count()} CPUs)"
     rng = np.random.default_rng(0)
     rows = []
     for title, x, fp32_model, binary_model in (conv_case(rng), linear_case(rng)):
@@ -101,7 +104,9 @@ def main(argv=None) -> None:
             sessions.update({p: session(binary_model, threads, p) for p in paths})
             ms = interleaved_medians(sessions, {"X": x}, args.runs)
             for p in paths:
-                rows.append(f"| {title} | {threads} | {p} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ms['fp32'] / ms[p]:.2f}x |")
+                rows.append(
+                    f"| {title} | {threads} | {p} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ms['fp32'] / ms[p]:.2f}x |"
+                )
                 print(rows[-1], flush=True)
     if forced is None:
         os.environ.pop(KERNEL_ENV, None)
@@ -117,6 +122,7 @@ def main(argv=None) -> None:
             "",
             f"Command: `{command}`  ",
             f"CPU: {cpu_description()}  ",
+            f"Load average before the run: {load}  ",
             f"onnxruntime {onnxruntime.__version__}; median of {args.runs} runs, FP32 and binary runs interleaved;"
             " speed-up = FP32 ms / binary ms. Binary ops include binarizing and packing the FP32 input and the"
             " fused scale + bias epilogue; the FP32 ops include their bias.",

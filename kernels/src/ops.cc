@@ -306,7 +306,9 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   // zero-bordered NHWC bit buffer of about 256 KB, so packing streams X once and the popcount loop
   // reads from L2.
   const ptrdiff_t row_words = Wp * unit;
-  const int band = int(std::clamp<ptrdiff_t>((32768 / row_words) - 2 * ph, 4, 32));
+  const ptrdiff_t min_bands = 32;  // enough tasks to balance the thread pool
+  const int band = int(std::clamp<ptrdiff_t>(
+      std::min<ptrdiff_t>(32768 / row_words - 2 * ph, (n_images * H + min_bands - 1) / min_bands), 4, 32));
   const int bands_per_image = (H + band - 1) / band;
   const size_t bands = size_t(n_images) * bands_per_image;
   const auto* xf = static_cast<const float*>(x.data);
