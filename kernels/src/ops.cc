@@ -193,11 +193,13 @@ PreparedWeights PrepareWeights(const Node& node, const Kernels& isa, const Node:
                 " (the unused high bits of each tap's last word must be 0)");
   p.packed.resize(isa.weight_words(int(p.out_channels), int(steps)));
   isa.pack_weights(data, int(p.out_channels), int(steps), p.packed.data());
-  p.tap_popcount.resize(p.out_channels * steps / words);
-  for (size_t t = 0; t < p.tap_popcount.size(); ++t) {
-    int32_t pop = 0;
-    for (int64_t k = 0; k < words; ++k) pop += __builtin_popcountll(data[t * words + k]);
-    p.tap_popcount[t] = pop;
+  if (tail.size() > 1) {  // a convolution: [O, KH, KW, words]
+    p.tap_popcount.resize(p.out_channels * steps / words);
+    for (size_t t = 0; t < p.tap_popcount.size(); ++t) {
+      int32_t pop = 0;
+      for (int64_t k = 0; k < words; ++k) pop += __builtin_popcountll(data[t * words + k]);
+      p.tap_popcount[t] = pop;
+    }
   }
   return p;
 }
