@@ -17,6 +17,7 @@ preload="$(${CXX:-g++} -print-file-name=libasan.so) $(${CXX:-g++} -print-file-na
 echo "running tests/test_kernels.py with $tmp/libsrbinarize_ort.so (LD_PRELOAD=$preload)"
 cd "$root"
 # detect_leaks=0: CPython and onnxruntime keep allocations alive at exit by design.
-SRBINARIZE_ORT_LIBRARY="$tmp/libsrbinarize_ort.so" LD_PRELOAD="$preload" \
+# SRBINARIZE_TEST_SANITIZE: the tests' emulated AVX-512 build (CPUs without AVX-512) is sanitized too.
+SRBINARIZE_ORT_LIBRARY="$tmp/libsrbinarize_ort.so" SRBINARIZE_TEST_SANITIZE=1 LD_PRELOAD="$preload" \
     ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
     "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py "$@"

@@ -9,6 +9,7 @@ still runs, built with emulated intrinsics. To run the file against another buil
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,11 @@ def emulated_avx512_library(tmp_path_factory):
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     try:
-        return build.build(tmp_path_factory.mktemp("emulated") / "libsrbinarize_ort.so", emulate_avx512=True)
+        return build.build(
+            tmp_path_factory.mktemp("emulated") / "libsrbinarize_ort.so",
+            sanitize=os.environ.get("SRBINARIZE_TEST_SANITIZE") == "1",  # set by kernels/build_sanitized.sh
+            emulate_avx512=True,
+        )
     except SystemExit as err:
         pytest.skip(f"cannot build the emulated AVX-512 library: {err}")
 
