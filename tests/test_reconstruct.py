@@ -1,0 +1,58 @@
+"""Block-wise reconstruction against the FP teacher: units from the graph, isolation, improvement."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import edsr, rcan
+
+import srbinarize
+from srbinarize.train.reconstruct import reconstruct_unit, reconstruction_units, student_output, teacher_output
+
+
+def _batches(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.rand(2, 3, 16, 16, generator=g)
+
+
+def test_units_are_blocks_in_dataflow_order():
+    units = reconstruction_units(srbinarize.convert(edsr(num_block=3)))
+    assert [u.path for u in units] == ["body.0", "body.1", "body.2", "conv_after_body"]
+    assert units[0].layers == ("body.0.conv1", "body.0.conv2")
+    rcan_units = reconstruction_units(srbinarize.convert(rcan()))
+    assert [u.path for u in rcan_units] == ["body.0", "body.1", "conv_after_body"]
+
+
+def test_student_and_teacher_unit_outputs_agree_when_nothing_is_binarized():
+    fp = edsr(num_block=2).eval()
+    same = srbinarize.convert(fp, binarize_weights=False, binarize_activations=False, spatial_rescale=False,
+                              channel_rescale=False)
+    x = torch.rand(1, 3, 12, 12)
+    for unit in reconstruction_units(same):
+        with torch.no_grad():
+            torch.testing.assert_close(student_output(same, unit, x), teacher_output(fp, unit, x))
+
+
+def test_one_unit_changes_only_itself_and_never_the_teacher():
+    torch.manual_seed(0)
+    teacher = edsr(num_block=2).eval()
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    student = srbinarize.convert(teacher)
+    unit = reconstruction_units(student)[1]
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    x = next(_batches(1))
+    with torch.no_grad():
+        err_before = (student_output(student, unit, x) - teacher_output(teacher, unit, x)).pow(2).mean()
+    result = reconstruct_unit(student, teacher, unit, _batches(), steps=12, pool=2, lr=2e-3)
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed, "the unit did not train"
+    assert all(unit.owns(k) for k in changed), f"outside the unit: {sorted(k for k in changed if not unit.owns(k))}"
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"teacher changed: {k}"
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters() if p.dtype.is_floating_point), "left frozen"
+    with torch.no_grad():
+        err_after = (student_output(student, unit, x) - teacher_output(teacher, unit, x)).pow(2).mean()
+    assert err_after < err_before and result.last_loss < result.first_loss
