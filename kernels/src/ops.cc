@@ -23,7 +23,6 @@ namespace srb {
 namespace {
 
 constexpr const char* kDomain = "srbinarize";
-constexpr int kMaxTasks = 64;  // BinaryLinear: at most this many ParallelFor tasks
 
 using Shape = std::vector<int64_t>;
 
@@ -505,34 +504,38 @@ void LinearKernel::Compute(OrtKernelContext* context) const {
   std::vector<ptrdiff_t> x_offset(words);
   for (int k = 0; k < words; ++k) x_offset[k] = k * isa.words_per_word;
   const int O8 = int((O + 7) / 8 * 8);
-  constexpr int TB = 64;  // tokens per block
+  constexpr int TB = 64;  // tokens per task
   const int64_t blocks = (tokens + TB - 1) / TB;
-  const size_t tasks = size_t(std::min<int64_t>(blocks, kMaxTasks));
-  std::vector<uint64_t> packed_all(tasks * TB * unit);  // zero: bytes past K stay 0
-  std::vector<int32_t> counts_all(tasks * TB * O8);
   const auto* xf = static_cast<const float*>(x.data);
   const auto* thr = static_cast<const float*>(node_.Get(ctx, 1).data);
   const auto* scale_f = static_cast<const float*>(scale.data);
   const auto* bias_f = static_cast<const float*>(bias.data);
   const auto* spatial_f = static_cast<const float*>(spatial.data);
-
   const LinearEpilogueFn epilogue = SelectLinearEpilogue(spatial_f, bias_f, skip_);
-  auto run_task = [&](size_t task) {
-    uint64_t* packed = packed_all.data() + task * TB * unit;
-    int32_t* counts = counts_all.data() + task * TB * O8;
-    for (int64_t b = task * blocks / tasks; b < int64_t((task + 1) * blocks / tasks); ++b) {
-      const int64_t m0 = b * TB;
-      const int nm = int(std::min<int64_t>(TB, tokens - m0));
-      isa.pack_tokens(xf + m0 * K, nm, K, thr, packed, unit);
-      isa.dot_tile(DotTile{packed, unit, x_offset.data(), words, nm, wt.packed.data(), int(O),
-                           counts, O8, true});
-      for (int i = 0; i < nm; ++i) {
-        const float* sp = spatial_f ? spatial_f + m0 + i : nullptr;
-        epilogue(K, counts + i * O8, int(O), scale_f, sp, bias_f, xf + (m0 + i) * K, y + (m0 + i) * O);
-      }
+  std::atomic<bool> out_of_memory{false};
+
+  auto run_block = [&](size_t b) {
+    const int64_t m0 = int64_t(b) * TB;
+    const int nm = int(std::min<int64_t>(TB, tokens - m0));
+    thread_local std::vector<uint64_t> packed;  // per-thread scratch, as in BinaryConv2d
+    thread_local std::vector<int32_t> counts;
+    try {
+      packed.assign(TB * unit, 0);  // zero: bytes past K stay 0
+      counts.resize(size_t(TB) * O8);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+      return;
+    }
+    isa.pack_tokens(xf + m0 * K, nm, K, thr, packed.data(), unit);
+    isa.dot_tile(DotTile{packed.data(), unit, x_offset.data(), words, nm, wt.packed.data(), int(O), counts.data(),
+                         O8, true});
+    for (int i = 0; i < nm; ++i) {
+      const float* sp = spatial_f ? spatial_f + m0 + i : nullptr;
+      epilogue(K, counts.data() + i * O8, int(O), scale_f, sp, bias_f, xf + (m0 + i) * K, y + (m0 + i) * O);
     }
   };
-  ParallelFor(ctx, tasks, run_task);
+  ParallelFor(ctx, size_t(blocks), run_block);
+  if (out_of_memory) throw std::bad_alloc();
 }
 
 struct BinaryLinearOp : Ort::CustomOpBase<BinaryLinearOp, LinearKernel, true> {
