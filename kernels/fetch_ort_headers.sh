@@ -14,12 +14,17 @@ if [[ -f "$header" ]]; then
     exit 0
 fi
 
+# The machine's Debian archive: the first URIs line of the deb822 sources file (the main archive, not
+# the security one), else the first "deb" line of a one-line-style sources.list.
 sources=/etc/apt/sources.list.d/debian.sources
-[[ -r "$sources" ]] || { echo "error: $sources not found; cannot locate a Debian archive" >&2; exit 1; }
-# First URIs line of the file (the main archive, not the security one).
-uri="$(awk '/^URIs:/ {print $2; exit}' "$sources")"
-keyring="$(awk '/^Signed-By:/ {print $2; exit}' "$sources")"
-[[ -n "$uri" ]] || { echo "error: no URIs line in $sources" >&2; exit 1; }
+uri="" keyring=""
+if [[ -r "$sources" ]]; then
+    uri="$(awk '/^URIs:/ {print $2; exit}' "$sources")"
+    keyring="$(awk '/^Signed-By:/ {print $2; exit}' "$sources")"
+elif [[ -r /etc/apt/sources.list ]]; then
+    uri="$(awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list)"
+fi
+[[ -n "$uri" ]] || { echo "error: no Debian archive found in /etc/apt (needed to fetch libonnxruntime-dev)" >&2; exit 1; }
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
