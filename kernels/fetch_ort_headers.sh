@@ -22,7 +22,7 @@ if [[ -r "$sources" ]]; then
     uri="$(awk '/^URIs:/ {print $2; exit}' "$sources")"
     keyring="$(awk '/^Signed-By:/ {print $2; exit}' "$sources")"
 elif [[ -r /etc/apt/sources.list ]]; then
-    uri="$(awk '$1 == "deb" && $2 !~ /^\[/ {print $2; exit}' /etc/apt/sources.list)"
+    uri="$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/) { print $i; exit } }' /etc/apt/sources.list)"
 fi
 [[ -n "$uri" ]] || { echo "error: no Debian archive found in /etc/apt (needed to fetch libonnxruntime-dev)" >&2; exit 1; }
 
