@@ -347,6 +347,9 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
       float* y_row = y + n * O * plane + ptrdiff_t(h) * W;
       for (int p0 = 0; p0 < W; p0 += TW) {
         const int np = std::min(TW, W - p0);
+        // Fetch the tile's output lines while the popcounts run: the epilogue then stores to cache.
+        for (int o = 0; o < O; ++o)
+          for (int p = 0; p < np; p += 16) __builtin_prefetch(y_row + o * plane + p0 + p, 1);
         isa.dot_tile(DotTile{packed.data() + ((h - h0) * Wp + p0) * unit, unit, x_offset.data(), steps, np,
                              wt.packed.data(), int(O), counts.data(), TW, false});
         // Pixels whose window reaches into the padding: valid taps only (see PreparedWeights). The
