@@ -37,11 +37,14 @@ def assert_fp_when_off(fp: nn.Module, recipe: str, **off) -> None:
         torch.testing.assert_close(model(x), fp(x), rtol=0, atol=1e-5)
 
 
-def assert_trains(model: nn.Module, steps: int = 12, lr: float = 1e-3) -> tuple[float, float]:
-    """Gradients reach every replaced layer, and plain Adam on the replaced layers' parameters lowers an L1
-    SR loss on natural patches (mean of the last 3 steps below the first). Returns (first, last mean)."""
+def assert_trains(model: nn.Module, teacher: nn.Module, steps: int = 12, lr: float = 1e-3) -> tuple[float, float]:
+    """Gradients reach every replaced layer, and plain Adam on the replaced layers' parameters lowers the L1
+    distance to the FP teacher's output on natural LR patches (mean of the last 3 steps below 0.97 x the
+    first: the binary layers learn, not noise). Returns (first, mean of the last 3)."""
     layers = quantized(model)
-    lr_img, hr = sr_batch(n=4, seed=3)
+    lr_img = sr_batch(n=2, seed=3)[0]
+    with torch.no_grad():
+        hr = teacher.eval()(lr_img)
     model.train()
     loss = (model(lr_img) - hr).abs().mean()
     loss.backward()
@@ -58,7 +61,7 @@ def assert_trains(model: nn.Module, steps: int = 12, lr: float = 1e-3) -> tuple[
         opt.step()
         losses.append(loss.item())
     last = sum(losses[-3:]) / 3
-    assert last < losses[0], f"L1 loss did not decrease: {losses}"
+    assert last < 0.97 * losses[0], f"L1 loss did not decrease: {losses}"
     return losses[0], last
 
 
@@ -83,3 +86,15 @@ def assert_deployed_matches(model: nn.Module) -> None:
         atol = 1e-5 * max(1.0, out.abs().max().item())  # EDSR's features reach hundreds (img_range 255)
         torch.testing.assert_close(layers[name].deployed().reference(*args), out, rtol=1e-5, atol=atol,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def msrresnet_x2() -> nn.Module:
+    """basicsr MSRResNet x2 whose residual blocks carry signal, as in a trained model: basicsr initialises
+    the block convs at 0.1x PyTorch's init, which leaves a random model's body near the identity."""
+    from conftest import msrresnet
+
+    model = msrresnet(upscale=2)
+    for block in model.body:
+        block.conv1.reset_parameters()
+        block.conv2.reset_parameters()
+    return model

@@ -6,14 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import WideningSR, edsr, msrresnet
-from recipe_checks import assert_deployed_matches, assert_fp_when_off, assert_trains, convert_small
+from conftest import WideningSR, edsr
+from recipe_checks import assert_deployed_matches, assert_fp_when_off, assert_trains, convert_small, msrresnet_x2
 from torch import nn
 
 import srbinarize
 from srbinarize.layers import BamConv2d
 
-MODELS = {"edsr": edsr, "msrresnet": lambda: msrresnet(upscale=2)}
+MODELS = {"edsr": edsr, "msrresnet": msrresnet_x2}
 OFF = {"binarize_weights": False, "binarize_activations": False}
 
 
@@ -37,7 +37,7 @@ def test_converts_trains_and_switches_off(name):
     model = convert_small(fp, "bam")
     assert all(isinstance(model.get_submodule(f"body.{b}.conv{i}"), BamConv2d)
                for b in range(len(fp.body)) for i in (1, 2))
-    assert_trains(model)
+    assert_trains(model, fp)
     assert_fp_when_off(fp, "bam", **OFF)
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import edsr, msrresnet
-from recipe_checks import assert_deployed_matches, assert_fp_when_off, assert_trains, convert_small
+from conftest import edsr
+from recipe_checks import assert_deployed_matches, assert_fp_when_off, assert_trains, convert_small, msrresnet_x2
 from torch import nn
 
 from srbinarize.layers import LmbConfig, LmbConv2d
 
-MODELS = {"edsr": edsr, "msrresnet": lambda: msrresnet(upscale=2)}
+MODELS = {"edsr": edsr, "msrresnet": msrresnet_x2}
 OFF = {"binarize_weights": False, "binarize_activations": False}
 
 
@@ -20,7 +20,7 @@ def test_converts_trains_and_switches_off(name):
     model = convert_small(fp, "lmb")
     assert all(isinstance(model.get_submodule(f"body.{b}.conv{i}"), LmbConv2d)
                for b in range(len(fp.body)) for i in (1, 2))
-    assert_trains(model)
+    assert_trains(model, fp)
     assert_fp_when_off(fp, "lmb", **OFF)
 
 

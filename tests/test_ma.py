@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import edsr, msrresnet
-from recipe_checks import assert_deployed_matches, assert_fp_when_off, assert_trains, convert_small
+from conftest import edsr
+from recipe_checks import assert_deployed_matches, assert_fp_when_off, assert_trains, convert_small, msrresnet_x2
 
 import srbinarize
 from srbinarize.layers import MaConv2d
 
-MODELS = {"edsr": edsr, "msrresnet": lambda: msrresnet(upscale=2)}
+MODELS = {"edsr": edsr, "msrresnet": msrresnet_x2}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -19,7 +19,7 @@ def test_converts_trains_and_switches_off(name):
     model = convert_small(fp, "ma")
     blocks = {f"body.{b}.conv{i}" for b in range(len(fp.body)) for i in (1, 2)}
     assert {n for n, m in model.named_modules() if isinstance(m, MaConv2d)} == blocks
-    assert_trains(model)
+    assert_trains(model, fp)
     assert_fp_when_off(fp, "ma", binarize_weights=False)
 
 
