@@ -1,8 +1,8 @@
 """Kernel benchmark: srbinarize's BinaryConv2d / BinaryLinear against onnxruntime's FP32 Conv / MatMul.
 
 For each thread count and each kernel path this CPU supports, the binary op and the FP32 op run on
-the same input, interleaved run by run (so background load hits both alike); the table reports
-medians and the ratio FP32 / binary. Results go to stdout and benchmarks/results/kernels.md.
+the same input, interleaved run by run (so background load hits both alike), one pair of sessions at
+a time; the table reports medians and the ratio FP32 / binary. Results go to stdout and benchmarks/results/kernels.md.
 
     python benchmarks/kernels.py [--threads 1 2] [--runs 15] [--paths avx2 scalar]
 """
@@ -42,10 +42,13 @@ def cpu_description() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs; flags: {have}"
 
 
+CONFIG = {}  # session config entries (--no-spinning: {"session.intra_op.allow_spinning": "0"})
+
+
 def session(model: bytes, threads: int, path: str | None = None):
     if path is not None:
         os.environ[KERNEL_ENV] = path  # read when the session creates its kernels
-    return ort_session(model, intra_op_num_threads=threads, inter_op_num_threads=1)
+    return ort_session(model, config=CONFIG, intra_op_num_threads=threads, inter_op_num_threads=1)
 
 
 def interleaved_medians(sessions: dict, feeds: dict, runs: int) -> dict:
@@ -89,7 +92,12 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=15, help="timed runs per op (median reported)")
     parser.add_argument("--paths", nargs="+", choices=KERNEL_PATHS, help="kernel paths (default: all supported)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--no-spinning", action="store_true", help="idle intra-op threads sleep (both ops; for a busy machine)"
+    )
     args = parser.parse_args(argv)
+    if args.no_spinning:
+        CONFIG["session.intra_op.allow_spinning"] = "0"
     paths = [p for p in (args.paths or KERNEL_PATHS) if kernel_supported(p)]
     if not paths:
         raise SystemExit("none of the requested kernel paths is supported by this CPU")
@@ -100,10 +108,12 @@ def main(argv=None) -> None:
     rows = []
     for title, x, fp32_model, binary_model in (conv_case(rng), linear_case(rng)):
         for threads in args.threads:
-            sessions = {"fp32": session(fp32_model, threads)}
-            sessions.update({p: session(binary_model, threads, p) for p in paths})
-            ms = interleaved_medians(sessions, {"X": x}, args.runs)
             for p in paths:
+                # One pair of sessions at a time: the idle thread pools of other sessions would spin on
+                # the same cores.
+                sessions = {"fp32": session(fp32_model, threads), p: session(binary_model, threads, p)}
+                ms = interleaved_medians(sessions, {"X": x}, args.runs)
+                del sessions
                 rows.append(
                     f"| {title} | {threads} | {p} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ms['fp32'] / ms[p]:.2f}x |"
                 )
@@ -122,7 +132,9 @@ def main(argv=None) -> None:
             "",
             f"Command: `{command}`  ",
             f"CPU: {cpu_description()}  ",
-            f"Load average before the run: {load}  ",
+            f"Load average before the run: {load}; intra-op thread spinning "
+            + ("off" if CONFIG else "on (onnxruntime's default)")
+            + "  ",
             f"onnxruntime {onnxruntime.__version__}; median of {args.runs} runs, FP32 and binary runs interleaved;"
             " speed-up = FP32 ms / binary ms. Binary ops include binarizing and packing the FP32 input and the"
             " fused scale + bias epilogue; the FP32 ops include their bias.",

@@ -74,15 +74,18 @@ def kernel_supported(name: str) -> bool:
     return bool(_library(library_path()).srbinarize_kernel_supported(name.encode()))
 
 
-def ort_session(path, providers=None, **session_options):
+def ort_session(path, providers=None, config=None, **session_options):
     """An ``onnxruntime.InferenceSession`` for `path` (file or serialized model bytes) with the library registered.
 
     Keyword arguments set ``onnxruntime.SessionOptions`` attributes, e.g. ``intra_op_num_threads=2``
-    or ``graph_optimization_level=...``; the kernel path is read from $SRBINARIZE_KERNEL now.
+    or ``graph_optimization_level=...``; `config` holds session config entries (e.g.
+    ``{"session.intra_op.allow_spinning": "0"}``). The kernel path is read from $SRBINARIZE_KERNEL now.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, str(value))
     for name, value in session_options.items():
         if not hasattr(options, name):
             raise TypeError(f"onnxruntime.SessionOptions has no attribute {name!r}")
