@@ -233,7 +233,7 @@ class ConvKernel {
                  ShapeString(k));
     kh_ = k[0];
     kw_ = k[1];
-    channels_ = node_.IntAttribute(info, "in_channels", nullptr, 1, 1 << 20);
+    channels_ = node_.IntAttribute(info, "in_channels", nullptr, 1, 1 << 16);  // dot products fit int32
     const int64_t no_skip = 0;
     skip_ = node_.IntAttribute(info, "skip", &no_skip, 0, 1) == 1;
     int is_constant = 0;
@@ -303,9 +303,9 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
     for (int k = 0; k < Words(C); ++k) x_offset[s++] = ((t / KW) * Wp + t % KW) * unit + k * isa.words_per_word;
   const int O8 = int((O + 7) / 8 * 8);
   const int TW = O8 <= 128 ? 64 : std::max(8, 8192 / O8 / 8 * 8);  // pixel tile: counts stay in L1
-  // Work unit: a band of output rows of one image. Its input rows (plus halo) are binarized into a
-  // zero-bordered NHWC bit buffer of about 256 KB, so packing streams X once and the popcount loop
-  // reads from L2.
+  // Work unit: a band of output rows of one image (at least 32 bands when the image allows). Its input
+  // rows (plus halo) are binarized into a zero-bordered NHWC bit buffer of at most about 256 KB, so
+  // packing streams X once and the popcount loop reads from L2.
   const ptrdiff_t row_words = Wp * unit;
   const ptrdiff_t min_bands = 32;  // enough tasks to balance the thread pool
   const int band = int(std::clamp<ptrdiff_t>(
