@@ -19,14 +19,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .convert import conversion_info, convert
+from .models.load import CheckpointError, load_weights
 from .models.spec import ModelSpec
 from .recipe import recipe_from_dict
 
 FORMAT = "srbinarize.model/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit its architecture (names the file and the keys)."""
 
 
 def save_model(model: nn.Module, path: str | Path, spec: ModelSpec, extra: dict[str, Any] | None = None) -> Path:
@@ -75,30 +72,15 @@ def load_model(path: str | Path) -> nn.Module:
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an srbinarize model checkpoint (metadata format {meta.get('format')!r})")
-    model = ModelSpec.from_json(meta["model"]).build()
+    spec = ModelSpec.from_json(meta["model"])
+    model = spec.build()
     if meta["recipe"]:
         recipe = recipe_from_dict(json.loads(meta["recipe"]), source=f"{path} (stored recipe)")
         example = torch.zeros(1, int(meta["in_channels"]), 48, 48)
         model = convert(model, recipe, example_input=example, calibrate=False)
-    load_weights(model, load_file(str(path)), path)
+    arch = spec.target if not meta["recipe"] else f"{spec.target} converted by its stored recipe"
+    load_weights(model, load_file(str(path)), str(path), arch)
     return model.eval()
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """``load_state_dict`` with an error that lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{source}: checkpoint does not match {type(model).__name__}"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if keys:
-                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-                parts.append(f"{label}: {keys[:5]}{more}")
-        raise CheckpointError("; ".join(parts))
-    model.load_state_dict(state)
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -67,8 +67,26 @@ def test_cli_inspect_prints_the_table(saved, capsys):
     assert "body.0.conv1" in out and "ScalesConv2d" in out and "OPs (BOPs/64 + FLOPs)" in out
 
 
-def test_cli_unknown_recipe_is_one_clear_line(saved, capsys):
-    _, path = saved
-    assert main(["convert", str(path), "--recipe", "nosuch", "-o", "x.safetensors"]) == 2
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A basicsr-style FP checkpoint ({"params": state_dict}) whose architecture must be detected."""
+    path = tmp_path_factory.mktemp("fp") / "edsr_x2.pth"
+    torch.save({"params": SPEC.build().state_dict()}, path)
+    return path
+
+
+def test_cli_convert_writes_a_reloadable_checkpoint(pretrained, tmp_path, capsys):
+    out = tmp_path / "edsr_scales.safetensors"
+    assert main(["convert", str(pretrained), "--recipe", "scales", "--set", "spatial_rescale=false", "-o",
+                 str(out)]) == 0
+    assert "ScalesConv2d" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.get_submodule("body.0.conv1").spatial is None
+    assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
+
+
+def test_cli_unknown_recipe_is_one_clear_line(pretrained, tmp_path, capsys):
+    assert main(["convert", str(pretrained), "--recipe", "nosuch", "-o", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert "error" in err and "Traceback" not in err
+    assert "unknown recipe 'nosuch'" in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
