@@ -644,7 +644,9 @@ def _pictures(run_dir, log, es: EvalSet, teacher, student, device, baselines, cf
         records = log.records()
         steps = [r["step"] for r in records if "loss" in r]
         losses = [r["loss"] for r in records if "loss" in r]
-        val: dict[str, list[tuple[int, float]]] = {}
+        val: dict[str, list[tuple[int, float]]] = {
+            k: [(0, b["converted"])] for k, b in baselines.items() if "converted" in b
+        }
         for r in records:
             if r.get("kind") == "val":
                 for k, v in r.items():

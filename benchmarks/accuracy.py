@@ -1,0 +1,149 @@
+"""Accuracy protocol: bicubic, FP, converted, and finetuned with and without distillation, at one budget.
+
+    python benchmarks/accuracy.py --model zoo:edsr-x2 --recipe scales --steps 600 \\
+        -o benchmarks/results/accuracy_scales_edsr_x2
+
+For each recipe it converts the model (calibrated on training patches), finetunes it twice with the same
+budget and seed, once with L1 + distillation from the FP teacher (the recipe's weights) and once with L1
+only, then evaluates every model on the benchmark sets (PSNR / SSIM on Y, the given LR files). The table
+reports the *final* finetuned models: validation (``--val``, Set5 by default) only draws the curves, it
+selects nothing. It writes ``<out>.md`` and ``<out>.json`` with the command, the hardware and the budget;
+the run folders (curves.png, crops.png, logs) go to ``--runs``. A row whose run already finished is reused,
+an unfinished one is resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from srbinarize.checkpoint import load_model  # noqa: E402
+from srbinarize.models.load import load_pretrained  # noqa: E402
+from srbinarize.train.evaluate import Entry, describe_sets, evaluate_entries, format_table, load_sets  # noqa: E402
+from srbinarize.train.finetune import finetune, hardware, run_exists  # noqa: E402
+
+DATA = Path(os.environ.get("SRBINARIZE_DATA", REPO.parent / "shared" / "data"))
+
+
+def _finished(run: Path) -> bool:
+    summary = run / "summary.json"
+    if not summary.is_file():
+        return False
+    s = json.loads(summary.read_text())
+    return (run / "final.safetensors").is_file() and not s.get("interrupted", True)
+
+
+def run_row(args, recipe: str, distill: bool, run: Path) -> dict:
+    t0 = time.time()
+    if _finished(run):
+        print(f"[{run.name}] finished earlier: reused", flush=True)
+    elif run_exists(run):
+        print(f"[{run.name}] resuming", flush=True)
+        finetune(resume=run, progress=not args.quiet)
+    else:
+        print(f"[{run.name}] finetuning", flush=True)
+        finetune(args.model, recipe, train=args.train, val=args.val, out=run, steps=args.steps, minutes=args.minutes,
+                 batch=args.batch, patch=args.patch, lr=args.lr, distill_weight=None if distill else 0.0,
+                 seed=args.seed, threads=args.threads, workers=args.workers, progress=not args.quiet)
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = summary["config"]
+    return {"run": str(run), "steps": summary["step"], "total_steps": summary["total_steps"],
+            "seconds": summary.get("seconds_this_call"), "wall_seconds_this_invocation": round(time.time() - t0, 1),
+            "distill_weight": cfg["distill_weight"], "lr": cfg["lr"], "optimizer": cfg["optimizer"],
+            "schedule": cfg["schedule"], "batch": cfg["batch"], "patch": cfg["patch"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="zoo:edsr-x2")
+    p.add_argument("--recipe", nargs="+", default=["scales"])
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int, help="optimizer steps per finetuned row")
+    budget.add_argument("--minutes", type=float, help="wall-clock minutes per finetuned row")
+    p.add_argument("--train", nargs="+", default=[str(DATA / "BSD100")])
+    p.add_argument("--val", nargs="*", default=[str(DATA / "Set5")])
+    p.add_argument("--sets", nargs="+", default=[str(DATA / "Set5"), str(DATA / "Set14")])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--runs", default="runs/accuracy", help="folder for the run folders")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("-o", "--out", required=True, help="output path without suffix (.md and .json are written)")
+    args = p.parse_args(argv)
+    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    teacher, spec = load_pretrained(args.model)
+    from srbinarize.models.load import model_scale
+
+    scale = model_scale(teacher)
+    sets = load_sets(args.sets, scale)
+    tag = args.model.replace("zoo:", "").replace("/", "_").replace(".", "_")
+    entries = [Entry(f"FP {args.model}", teacher)]
+    rows: dict[str, dict] = {}
+    for recipe in args.recipe:
+        for distill in (True, False):
+            run = Path(args.runs) / f"{tag}_{recipe}_{'distill' if distill else 'nodistill'}"
+            info = run_row(args, recipe, distill, run)
+            if distill:
+                entries.append(Entry(f"{recipe}: converted, no finetune", load_model(run / "converted.safetensors")))
+            label = (f"{recipe}: finetuned, L1 + distillation (w={info['distill_weight']:g})" if distill
+                     else f"{recipe}: finetuned, L1 only (no distillation)")
+            entries.append(Entry(label, load_model(run / "final.safetensors")))
+            rows[label] = info
+    print("evaluating ...", flush=True)
+    results = evaluate_entries(entries, sets)
+    table = format_table(results, sets)
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min wall clock"
+    any_row = next(iter(rows.values()))
+    lines = [
+        f"# Accuracy: {args.model} x{scale}, recipe(s) {', '.join(args.recipe)}",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Hardware: {hardware()}; shared machine (other jobs ran beside it), so wall times are indicative.",
+        f"Budget per finetuned row: {budget} (batch {any_row['batch']}, LR patch {any_row['patch']}, "
+        f"{any_row['optimizer']} lr {any_row['lr']:g} {any_row['schedule']}, seed {args.seed}); training data "
+        f"{', '.join(args.train)} (MATLAB-style bicubic LR made on the fly).",
+        "",
+        table,
+        "",
+        f"PSNR / SSIM on Y (BT.601), {scale} border pixels cropped; {describe_sets(sets)}.",
+        "Finetuned rows are the models after the last step (validation on "
+        f"{', '.join(Path(v).name for v in args.val) or 'nothing'} drew the curves and selected nothing).",
+        "",
+        "| finetuned row | steps | wall time (s) | run folder |",
+        "|---|---|---|---|",
+    ]
+    for label, info in rows.items():
+        lines.append(f"| {label} | {info['steps']} | {info['seconds']} | `{info['run']}` |")
+    md = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps({
+        "command": command, "model": args.model, "model_spec": {"target": spec.target, "kwargs": spec.kwargs},
+        "scale": scale, "recipes": args.recipe, "budget": {"steps": args.steps, "minutes": args.minutes},
+        "hardware": hardware(), "sets": describe_sets(sets), "results": results, "rows": rows,
+    }, indent=1))
+    print(md)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
