@@ -5,11 +5,17 @@
 """
 
 from .convert import ConversionError, convert
+from .export.onnx import export_onnx
+from .export.upscale import upscale_file
 from .graph.fold_bn import fold_bn
 from .recipe import Recipe, RecipeError, load_recipe
+from .runtime import ort_session
 from .summary import summary
 from .train.finetune import finetune
 
 __version__ = "0.1.0"
 
-__all__ = ["ConversionError", "Recipe", "RecipeError", "convert", "finetune", "fold_bn", "load_recipe", "summary"]
+__all__ = [
+    "ConversionError", "Recipe", "RecipeError", "convert", "export_onnx", "finetune", "fold_bn", "load_recipe",
+    "ort_session", "summary", "upscale_file",
+]

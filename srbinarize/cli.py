@@ -56,6 +56,20 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(summary(model, input_size=tuple(args.input_size)))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .export.onnx import export_onnx
+
+    print(export_onnx(load_model(args.checkpoint), args.output))
+
+
+def _cmd_upscale(args: argparse.Namespace) -> None:
+    from .export.upscale import upscale_file
+
+    upscale_file(args.model, args.input, args.output, tile=args.tile, overlap=args.overlap, threads=args.threads)
+    print(f"wrote {args.output}")
+
+
 def _cmd_recipes(args: argparse.Namespace) -> None:
     from .recipe import builtin_recipes, load_recipe
 
@@ -82,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(p)
     p.set_defaults(func=_cmd_inspect)
 
+    p = sub.add_parser("export", help="export a converted checkpoint as ONNX with 1-bit srbinarize ops")
+    p.add_argument("checkpoint", help="converted .safetensors written by `srbinarize convert` or finetune")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .onnx")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("upscale", help="upscale an image with an exported .onnx model (tiled, onnxruntime)")
+    p.add_argument("model", type=Path)
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--tile", type=int, default=256, help="tile size in input pixels (0: whole image at once)")
+    p.add_argument("--overlap", type=int, default=16, help="overlap between tiles in input pixels")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.set_defaults(func=_cmd_upscale)
+
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=_cmd_recipes)
 
@@ -99,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     from .checkpoint import CheckpointError
     from .convert import ConversionError
+    from .export.onnx import OnnxExportError
+    from .export.upscale import ImageError
     from .models.spec import ModelSpecError
     from .recipe import RecipeError
 
+    errors = (RecipeError, ConversionError, CheckpointError, ModelSpecError, FileNotFoundError, OnnxExportError,
+              ImageError)
     try:
         args.func(args)
-    except (RecipeError, ConversionError, CheckpointError, ModelSpecError, FileNotFoundError) as err:
+    except errors as err:
         print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

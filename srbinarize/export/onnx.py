@@ -1,0 +1,324 @@
+"""ONNX export of binary models: SCALES convs and linears become ``srbinarize`` domain ops with 1-bit weights.
+
+What each piece becomes:
+
+- a `ScalesConv2d` / `ScalesLinear` with binary weights and activations: one ``srbinarize::BinaryConv2d`` /
+  ``BinaryLinear`` node (see ``kernels/README.md``) whose weight is a bitpacked uint64 initializer, with the
+  threshold ``beta``, the per-output-channel scale, the bias and the identity skip as the op's inputs and
+  attribute; its spatial map and channel vector are computed by standard ONNX ops from the FP input and feed
+  the op's ``spatial`` / ``channel_scale`` inputs;
+- a SCALES layer with FP weights or FP activations (a component switched off by the recipe): standard ONNX
+  ops computing the same function (listed as FP in the export report);
+- everything else: what torch's TorchScript-based exporter writes (standard ONNX, opset 17).
+
+The graph is traced by ``torch.onnx.export(..., dynamo=False)``; the binary layers emit their op from an
+``autograd.Function.symbolic`` (TorchScript has no uint64 constants, so the packed words travel as int64 and are
+re-typed afterwards with the ``onnx`` API, bit for bit). Input ``x`` and output ``y`` have dynamic batch,
+height and width axes. The file is checked with ``onnx.checker`` and written atomically.
+
+SwinIR (basicsr): its blocks keep the attention mask of the size they were built for and use it whenever the
+input has that size, which bakes one size into a traced graph; during export the blocks compute the mask from
+the runtime size instead (`_swin_dynamic_mask`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+import types
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from ..layers.base import QuantLayer
+from ..layers.fqsr import FqsrAdd, FqsrConv2d
+from ..layers.scales import ScalesConv2d, _ScalesBase
+from ..runtime import DOMAIN
+from ..runtime.packing import pack_conv_weight, pack_linear_weight
+
+OPSET = 17
+_SLOTS = "threshold", "weight", "scale", "bias", "spatial", "channel_scale"
+
+
+class OnnxExportError(ValueError):
+    """The model cannot be exported as a binary ONNX graph (unsupported layer type, ...)."""
+
+
+@dataclass
+class ExportReport:
+    """What `export_onnx` wrote: the binary ops (packed) and the layers that stayed FP, with why."""
+
+    path: Path
+    packed: list[str] = field(default_factory=list)  # "name: BinaryConv2d 64->64 k3 [spatial, skip]"
+    fp: list[str] = field(default_factory=list)  # "name: why it stays FP"
+    file_bytes: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.path} ({self.file_bytes / 1024:.1f} KiB)", f"packed (1-bit weights): {len(self.packed)}"]
+        lines += [f"  {p}" for p in self.packed]
+        lines.append(f"FP: {len(self.fp)}")
+        lines += [f"  {p}" for p in self.fp]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Deployed:
+    """The constants of one binary op (held outside autograd, so they export as constants, not ops)."""
+
+    name: str
+    op: str  # "BinaryConv2d" | "BinaryLinear"
+    threshold: torch.Tensor
+    weight_pm1: torch.Tensor  # +-1 float, for the PyTorch side of the trace
+    packed: np.ndarray  # uint64
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    skip: bool
+    kernel_size: int = 0
+
+    def compute(self, x: torch.Tensor, spatial: torch.Tensor | None, channel: torch.Tensor | None) -> torch.Tensor:
+        """The op's semantics in PyTorch (kernels/README.md), epilogue in the kernel's order."""
+        if self.op == "BinaryConv2d":
+            a = torch.where(x >= self.threshold.view(1, -1, 1, 1), 1.0, -1.0)
+            t = F.conv2d(a, self.weight_pm1, padding=self.kernel_size // 2) * self.scale.view(1, -1, 1, 1)
+        else:
+            t = F.linear(torch.where(x >= self.threshold, 1.0, -1.0), self.weight_pm1) * self.scale
+        if spatial is not None:
+            t = t * spatial
+        if channel is not None:
+            t = t * channel[:, :, None, None]
+        if self.bias is not None:
+            t = t + (self.bias.view(1, -1, 1, 1) if self.op == "BinaryConv2d" else self.bias)
+        return t + x if self.skip else t
+
+
+class _BinaryOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spatial, channel, dep: _Deployed):
+        return dep.compute(x, spatial, channel)
+
+    @staticmethod
+    def symbolic(g, x, spatial, channel, dep: _Deployed):
+        # Present inputs in order; `_slots` records which optional ones they are (rewritten by `_finish`).
+        slots, inputs = [], [x]
+        consts = {"threshold": dep.threshold, "weight": torch.from_numpy(dep.packed.view(np.int64)),
+                  "scale": dep.scale, "bias": dep.bias}
+        for slot in _SLOTS:
+            value = {"spatial": spatial, "channel_scale": channel}.get(slot, consts.get(slot))
+            if value is None:
+                continue
+            slots.append(slot)
+            inputs.append(g.op("Constant", value_t=value.detach()) if slot in consts else value)
+        attrs = {"skip_i": int(dep.skip), "_slots_s": ",".join(slots), "_name_s": dep.name}
+        if dep.op == "BinaryConv2d":
+            attrs |= {"kernel_shape_i": [dep.kernel_size] * 2, "in_channels_i": dep.threshold.numel()}
+        else:
+            attrs["in_features_i"] = dep.threshold.numel()
+        y = g.op(f"{DOMAIN}::{dep.op}", *inputs, **attrs)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:
+            sizes = list(sizes)
+            sizes[1 if dep.op == "BinaryConv2d" else -1] = dep.scale.numel()
+            y.setType(x.type().with_sizes(sizes))
+        else:
+            y.setType(x.type())
+        return y
+
+
+def _deploy(name: str, layer: _ScalesBase) -> _Deployed:
+    with torch.no_grad():
+        w = layer.binary_weight().float()
+        conv = isinstance(layer, ScalesConv2d)
+        return _Deployed(
+            name=name,
+            op="BinaryConv2d" if conv else "BinaryLinear",
+            threshold=layer.beta.detach().float().clone(),
+            weight_pm1=w,
+            packed=pack_conv_weight(w.numpy()) if conv else pack_linear_weight(w.numpy()),
+            scale=layer.output_scale().detach().float().clone(),
+            bias=None if layer.bias is None else layer.bias.detach().float().clone(),
+            skip=layer.use_skip,
+            kernel_size=layer.kernel_size if conv else 0,
+        )
+
+
+def _binary_forward(self: _ScalesBase, x: torch.Tensor) -> torch.Tensor:
+    channel = self.channel_vector(x) if isinstance(self, ScalesConv2d) else None
+    return _BinaryOp.apply(x, self.spatial_map(x), channel, self._deployed)
+
+
+def _fp_forward(self: _ScalesBase, x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward with plain ops (no straight-through autograd functions): what the graph computes."""
+    a = x
+    if self.config.binarize_activations:
+        a = torch.where(x - self._per_in(self.beta) >= 0, 1.0, -1.0)
+    w = self.binary_weight() if self.config.binarize_weights else self.weight
+    t = self._rescale(self._product(a, w) * self._per_out(self.output_scale()), x)
+    if self.bias is not None:
+        t = t + self._per_out(self.bias)
+    return t + x if self.use_skip else t
+
+
+def _describe(dep: _Deployed, layer: _ScalesBase) -> str:
+    parts = [p for p, on in (("spatial", layer.spatial is not None), ("channel", layer.channel is not None),
+                             ("bias", dep.bias is not None), ("skip", dep.skip)) if on]
+    shape = f"{layer.in_channels}->{layer.out_channels}" + (f" k{dep.kernel_size}" if dep.kernel_size else "")
+    return f"{dep.name}: {dep.op} {shape} [{', '.join(parts)}]"
+
+
+@contextlib.contextmanager
+def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> Iterator[None]:
+    """Inside: SCALES layers compute (and export as) their deployed form; restored on exit."""
+    report = report if report is not None else ExportReport(Path())
+    patched = []
+    branches: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, _ScalesBase):
+            if m.config.binarize_weights and m.config.binarize_activations:
+                m._deployed = _deploy(name, m)
+                m.forward = types.MethodType(_binary_forward, m)
+                report.packed.append(_describe(m._deployed, m))
+            else:
+                m.forward = types.MethodType(_fp_forward, m)
+                bits = f"w{m.weight_bits}a{m.act_bits}"
+                report.fp.append(f"{name}: SCALES {bits} (not both binary): standard ONNX ops")
+            patched.append(m)
+            branches |= {f"{name}.{sub}" for sub in ("spatial", "channel")}
+        elif isinstance(m, (FqsrConv2d, FqsrAdd)):
+            raise OnnxExportError(f"{name}: FQSR layers export as QDQ: use srbinarize.export.qdq.export_qdq")
+        elif isinstance(m, QuantLayer):
+            raise OnnxExportError(f"{name}: no ONNX export for {type(m).__name__} layers yet (SCALES only)")
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Conv1d)) and not isinstance(m, QuantLayer):
+            if name in branches:
+                report.fp.append(f"{name}: FP re-scaling branch of a SCALES layer")
+            else:
+                report.fp.append(f"{name}: {type(m).__name__} not converted by the recipe")
+    try:
+        with _swin_dynamic_mask(model):
+            yield
+    finally:
+        for m in patched:
+            del m.forward
+            if hasattr(m, "_deployed"):
+                del m._deployed
+
+
+@contextlib.contextmanager
+def _swin_dynamic_mask(model: nn.Module) -> Iterator[None]:
+    """basicsr SwinTransformerBlocks: compute the shifted-window attention mask from the runtime size.
+
+    A block uses its stored ``attn_mask`` when the input has the size it was built for, which a traced graph
+    would keep as a constant for every size; with ``input_resolution`` set to a size no input has, the block
+    takes its other branch, ``calculate_mask(x_size)``, traced as ops on the input's shape.
+    """
+    blocks = [m for m in model.modules() if type(m).__name__ == "SwinTransformerBlock" and hasattr(m, "calculate_mask")]
+    saved = [b.input_resolution for b in blocks]
+    for b in blocks:
+        b.input_resolution = (-1, -1)
+    try:
+        yield
+    finally:
+        for b, res in zip(blocks, saved, strict=True):
+            b.input_resolution = res
+
+
+def _finish(model: onnx.ModelProto) -> None:
+    """Rewrite the srbinarize nodes: optional inputs in their slots, constants as (uint64) initializers."""
+    graph = model.graph
+    producers = {out: node for node in graph.node if node.op_type == "Constant" for out in node.output}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    dead = []
+    for node in graph.node:
+        if node.domain != DOMAIN:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        slots = onnx.helper.get_attribute_value(attrs["_slots"]).decode().split(",")
+        node.name = onnx.helper.get_attribute_value(attrs["_name"]).decode()
+        for key in ("_slots", "_name"):
+            node.attribute.remove(attrs[key])
+        given = dict(zip(slots, list(node.input)[1:], strict=True))
+        names = [node.input[0]]
+        for slot in _SLOTS:
+            source = given.get(slot, "")
+            const = producers.get(source)
+            if const is not None and users[source] == 1:
+                array = numpy_helper.to_array(const.attribute[0].t)
+                if slot == "weight":
+                    array = array.view(np.uint64)
+                source = f"{node.name}.{slot}"
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), source))
+                dead.append(const)
+            names.append(source)
+        while names[-1] == "":
+            names.pop()
+        del node.input[:]
+        node.input.extend(names)
+    for const in dead:
+        graph.node.remove(const)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | None = None,
+    opset: int = OPSET,
+) -> ExportReport:
+    """Write a SCALES-converted (or FP) ``model`` as ONNX with 1-bit ops to ``path`` (atomically).
+
+    ``example_input`` (default: a 1xCx32x32 image, C from the conversion record) fixes the rank and channels;
+    batch, height and width of input ``x`` and output ``y`` are dynamic. Returns what was packed and what
+    stayed FP. Run the file with `srbinarize.runtime.ort_session` (it registers the kernel library).
+    """
+    if example_input is None:
+        info = getattr(model, "srbinarize_info", None)
+        if info is None:
+            raise OnnxExportError("pass example_input=...: the model carries no conversion record")
+        example_input = torch.rand(1, info.in_channels, 32, 32)
+    work = copy.deepcopy(model).eval()
+    path = Path(path)
+    report = ExportReport(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        with deployed_forward(work, report), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                work, (example_input,), tmp, dynamo=False, opset_version=opset, input_names=["x"],
+                output_names=["y"], dynamic_axes={"x": axes, "y": axes},
+                custom_opsets={DOMAIN: 1} if report.packed else None,
+            )
+        proto = onnx.load(tmp)
+        _finish(proto)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    report.file_bytes = path.stat().st_size
+    return report
+
+
+def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the exported graph computes, in PyTorch (binary layers in their deployed form)."""
+    work = copy.deepcopy(model).eval()
+    with deployed_forward(work), torch.no_grad():
+        return work(x)
+
+
+__all__ = ["ExportReport", "OnnxExportError", "deployed_forward", "deployed_output", "export_onnx"]

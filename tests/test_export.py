@@ -1,0 +1,155 @@
+"""ONNX export of SCALES models: onnxruntime (with the kernel library) against the PyTorch converted model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import DATA, edsr, msrresnet
+from onnx import numpy_helper
+from PIL import Image
+
+import srbinarize
+from srbinarize.checkpoint import save_model
+from srbinarize.cli import main
+from srbinarize.export.onnx import OnnxExportError, export_onnx
+from srbinarize.export.qdq import fp32_onnx
+from srbinarize.layers import ScalesConv2d
+from srbinarize.models.spec import ModelSpec
+from srbinarize.runtime import DOMAIN, ort_session
+
+TOL = 1e-4
+
+
+def set5_crops(size: tuple[int, int], n: int = 2) -> torch.Tensor:
+    """Crops of Set5 x2 LR images (real image statistics), as a batch in [0, 1]."""
+    crops = []
+    for name in ("baby", "butterfly", "head", "woman")[:n]:
+        img = np.asarray(Image.open(DATA / "Set5" / "LR_bicubic" / "X2" / f"{name}x2.png").convert("RGB"))
+        top, left = (img.shape[0] - size[0]) // 2, (img.shape[1] - size[1]) // 2
+        crops.append(img[top : top + size[0], left : left + size[1]])
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+
+
+def with_active_branches(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the re-scaling branches (zero at initialisation: sigmoid = 0.5 everywhere) a signal to carry."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, srbinarize.layers.scales._ScalesBase):
+                for branch in (m.spatial, m.channel):
+                    if branch is not None:
+                        for p in branch.parameters():
+                            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def check_parity(model, path, sizes=((24, 24), (17, 29))) -> None:
+    session = ort_session(path)
+    for size in sizes:
+        x = set5_crops(size)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        y = session.run(None, {"x": x.numpy()})[0]
+        assert y.shape == ref.shape
+        assert np.abs(y - ref).max() <= TOL, f"size {size}: max abs {np.abs(y - ref).max()}"
+
+
+def binary_nodes(path) -> list[onnx.NodeProto]:
+    return [n for n in onnx.load(str(path)).graph.node if n.domain == DOMAIN]
+
+
+CASES = {
+    "edsr-auto": (edsr, {}),
+    "edsr-skip-always": (edsr, {"skip": "always"}),
+    "edsr-skip-never-no-spatial": (edsr, {"skip": "never", "spatial_rescale": False}),
+    "edsr-no-channel": (edsr, {"channel_rescale": False}),
+    "edsr-plain": (edsr, {"skip": "never", "spatial_rescale": False, "channel_rescale": False}),
+    "msrresnet-auto": (msrresnet, {}),
+    "msrresnet-skip-never": (msrresnet, {"skip": "never"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scales_parity_at_two_sizes(case, tmp_path):
+    factory, overrides = CASES[case]
+    model = with_active_branches(srbinarize.convert(factory(num_block=2), "scales", **overrides).eval())
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ScalesConv2d)}
+    nodes = {n.name: n for n in binary_nodes(path)}
+    assert set(nodes) == set(layers) and len(report.packed) == len(layers) > 0
+    for name, node in nodes.items():
+        layer = layers[name]
+        inputs = list(node.input) + [""] * (7 - len(node.input))
+        assert bool(inputs[5]) == (layer.spatial is not None) and bool(inputs[6]) == (layer.channel is not None)
+        skip = next(a.i for a in node.attribute if a.name == "skip")
+        assert skip == int(layer.use_skip)
+    if overrides.get("skip") in ("always", "never"):
+        assert {bool(m.use_skip) for m in layers.values()} == {overrides["skip"] == "always"}
+    check_parity(model, path)
+
+
+def test_partial_binarization_exports_as_fp_ops(tmp_path):
+    model = srbinarize.convert(edsr(num_block=1), "scales", binarize_weights=False).eval()
+    report = export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16))
+    assert not report.packed and not binary_nodes(tmp_path / "m.onnx")
+    assert any("w32a1" in line for line in report.fp)
+    check_parity(model, tmp_path / "m.onnx")
+
+
+def test_dynamic_batch_and_packed_weights(tmp_path):
+    model = srbinarize.convert(edsr(num_block=1, num_feat=70), "scales").eval()  # 70 channels: two words
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] and dims[2] and dims[3] and dims[1] == ""
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in binary_nodes(path):
+        weight = inits[node.input[2]]
+        assert weight.data_type == onnx.TensorProto.UINT64 and list(weight.dims) == [70, 3, 3, 2]
+        layer = dict(model.named_modules())[node.name]
+        w = layer.binary_weight().permute(0, 2, 3, 1).numpy() > 0  # bit c of word c // 64, +1 -> 1
+        words = numpy_helper.to_array(weight)
+        bits = (words[..., :, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
+        np.testing.assert_array_equal(bits.reshape(70, 3, 3, 128)[..., :70].astype(bool), w)
+        assert not bits.reshape(70, 3, 3, 128)[..., 70:].any()
+    x = torch.rand(3, 3, 11, 8)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(ort_session(path).run(None, {"x": x.numpy()})[0] - ref).max() <= TOL
+
+
+def test_binary_file_is_much_smaller_than_fp(tmp_path):
+    fp = edsr(num_block=4, num_feat=64).eval()
+    binary = srbinarize.convert(fp, "scales").eval()
+    example = torch.rand(1, 3, 16, 16)
+    fp_bytes = fp32_onnx(fp, tmp_path / "fp.onnx", example).stat().st_size
+    report = export_onnx(binary, tmp_path / "bin.onnx", example)
+    body = sum(m.weight.numel() for m in binary.modules() if isinstance(m, ScalesConv2d))
+    # The body's FP32 weights (4 bytes each) shrink to 1 bit each; head and upsampler stay FP32; the slack is
+    # the per-channel vectors (threshold, scale, bias) and the re-scaling branches.
+    assert report.file_bytes < fp_bytes - 4 * body + body / 8 + 32 * 1024
+    assert report.file_bytes < fp_bytes / 2.5
+
+
+def test_other_quant_layers_are_refused(tmp_path):
+    model = srbinarize.convert(edsr(num_block=1), "lmb").eval()
+    with pytest.raises(OnnxExportError, match="LmbConv2d"):
+        export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16))
+    assert not list(tmp_path.iterdir()), "a failed export left a file behind"
+
+
+def test_cli_export_from_checkpoint(tmp_path, capsys):
+    spec = ModelSpec("basicsr.archs.edsr_arch:EDSR", {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 16,
+                                                       "num_block": 2, "upscale": 2})
+    model = srbinarize.convert(spec.build().eval(), "scales").eval()
+    ckpt = save_model(model, tmp_path / "edsr.safetensors", spec)
+    out = tmp_path / "edsr.onnx"
+    assert main(["export", str(ckpt), "-o", str(out)]) == 0
+    assert "packed (1-bit weights): 5" in capsys.readouterr().out
+    check_parity(model, out, sizes=((20, 20),))
+    assert main(["export", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
