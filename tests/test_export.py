@@ -15,7 +15,7 @@ from srbinarize.checkpoint import save_model
 from srbinarize.cli import main
 from srbinarize.export.onnx import OnnxExportError, export_onnx
 from srbinarize.export.qdq import fp32_onnx
-from srbinarize.layers import ScalesConv2d
+from srbinarize.layers import ScalesConv2d, ScalesLinear
 from srbinarize.models.spec import ModelSpec
 from srbinarize.runtime import DOMAIN, ort_session
 
@@ -153,3 +153,26 @@ def test_cli_export_from_checkpoint(tmp_path, capsys):
     assert "packed (1-bit weights): 5" in capsys.readouterr().out
     check_parity(model, out, sizes=((20, 20),))
     assert main(["export", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
+
+
+@pytest.mark.parametrize("skip", ["auto", "never", "always"])
+def test_scales_swinir_binary_linears_at_sizes_other_than_the_export_size(skip, tmp_path):
+    from test_transformers import swinir
+
+    model = srbinarize.convert(swinir().eval(), "scales", example_input=torch.rand(1, 3, 16, 16), skip=skip)
+    model = with_active_branches(model.eval())
+    path = tmp_path / "swinir.onnx"
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    linears = {n for n, m in model.named_modules() if isinstance(m, ScalesLinear)}
+    nodes = binary_nodes(path)
+    assert {n.name for n in nodes if n.op_type == "BinaryLinear"} == linears and len(linears) == 16
+    assert sum(line.split(":")[1].strip().startswith("BinaryLinear") for line in report.packed) == 16
+    layers = dict(model.named_modules())
+    for node in nodes:
+        assert next(a.i for a in node.attribute if a.name == "skip") == int(layers[node.name].use_skip)
+    if skip != "auto":
+        same = [layers[n] for n in linears if layers[n].same_shape]
+        assert same and all(m.use_skip == (skip == "always") for m in same)
+    # The export size, a size the blocks were not built for (the shifted-window mask is computed in the
+    # graph from the runtime size), and a batch of 2 (the batch is not baked into the window reshapes).
+    check_parity(model, path, sizes=((16, 16), (12, 20), (20, 8)))

@@ -18,7 +18,7 @@ height and width axes. The file is checked with ``onnx.checker`` and written ato
 
 SwinIR (basicsr): its blocks keep the attention mask of the size they were built for and use it whenever the
 input has that size, which bakes one size into a traced graph; during export the blocks compute the mask from
-the runtime size instead (`_swin_dynamic_mask`).
+the runtime size instead, and the batch is not baked either (`_swin_dynamic_shapes`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import tempfile
 import types
 import warnings
@@ -204,7 +205,7 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
             else:
                 report.fp.append(f"{name}: {type(m).__name__} not converted by the recipe")
     try:
-        with _swin_dynamic_mask(model):
+        with _swin_dynamic_shapes(model):
             yield
     finally:
         for m in patched:
@@ -213,23 +214,36 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
                 del m._deployed
 
 
+def _window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
+    """basicsr's ``window_reverse`` without ``int()`` on a shape (which a trace keeps as a constant batch)."""
+    x = windows.view(-1, h // window_size, w // window_size, window_size, window_size, windows.shape[-1])
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, windows.shape[-1])
+
+
 @contextlib.contextmanager
-def _swin_dynamic_mask(model: nn.Module) -> Iterator[None]:
-    """basicsr SwinTransformerBlocks: compute the shifted-window attention mask from the runtime size.
+def _swin_dynamic_shapes(model: nn.Module) -> Iterator[None]:
+    """basicsr SwinTransformerBlocks: shape logic traced from the runtime size, not baked for the export size.
 
     A block uses its stored ``attn_mask`` when the input has the size it was built for, which a traced graph
     would keep as a constant for every size; with ``input_resolution`` set to a size no input has, the block
-    takes its other branch, ``calculate_mask(x_size)``, traced as ops on the input's shape.
+    takes its other branch, ``calculate_mask(x_size)``, traced as ops on the input's shape. Its module's
+    ``window_reverse`` computes the batch with ``int()``, replaced by a ``view(-1, ...)`` that stays dynamic.
     """
     blocks = [m for m in model.modules() if type(m).__name__ == "SwinTransformerBlock" and hasattr(m, "calculate_mask")]
     saved = [b.input_resolution for b in blocks]
+    modules = {sys.modules[type(b).__module__] for b in blocks}
+    modules = {m: m.window_reverse for m in modules if hasattr(m, "window_reverse")}
     for b in blocks:
         b.input_resolution = (-1, -1)
+    for m in modules:
+        m.window_reverse = _window_reverse
     try:
         yield
     finally:
         for b, res in zip(blocks, saved, strict=True):
             b.input_resolution = res
+        for m, fn in modules.items():
+            m.window_reverse = fn
 
 
 def _finish(model: onnx.ModelProto) -> None:
