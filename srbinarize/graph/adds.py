@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from .partition import LayerRow, Plan, is_add
+from .walk import ancestors, descendants
 
 ADDS_PREFIX = "skip_adds"
 
@@ -39,28 +40,6 @@ def _layer_nodes(gm: fx.GraphModule, plan: Plan) -> dict[fx.Node, LayerRow]:
     return {n: by_target[n.target] for n in gm.graph.nodes if n.op == "call_module" and n.target in by_target}
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.users)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
-
-
 def classify_adds(gm: fx.GraphModule, plan: Plan) -> list[tuple[fx.Node, str | None]]:
     """Every element-wise add of two tensors in graph order, with None for a skip add or why it is not one."""
     layers = _layer_nodes(gm, plan)
@@ -71,12 +50,12 @@ def classify_adds(gm: fx.GraphModule, plan: Plan) -> list[tuple[fx.Node, str | N
         if not is_add(node):
             continue
         a, b = (x for x in node.args if isinstance(x, fx.Node))
-        up_a, up_b = _ancestors(a) | {a}, _ancestors(b) | {b}
+        up_a, up_b = ancestors(a) | {a}, ancestors(b) | {b}
         if not any(n.op == "placeholder" for n in up_a) or not any(n.op == "placeholder" for n in up_b):
             out.append((node, "adds a constant, not a skip connection"))
         elif not (up_a | up_b) & layers.keys():
             out.append((node, "before the first layer (input preprocessing)"))
-        elif not _descendants(node) & layers.keys():
+        elif not descendants(node) & layers.keys():
             out.append((node, "produces the final output: left as it is"))
         elif node.kwargs:
             out.append((node, f"add with keyword arguments {sorted(node.kwargs)}: kept FP"))
@@ -105,7 +84,7 @@ def insert_skip_adds(gm: fx.GraphModule, plan: Plan) -> list[LayerRow]:
         if reason is not None:
             skipped.append(f"{node.name} ({reason})")
             continue
-        before = [n for n in _ancestors(node) if n in layers]
+        before = [n for n in ancestors(node) if n in layers]
         role = layers[max(before, key=index.__getitem__)].role
         name = f"{ADDS_PREFIX}.{node.name}"
         gm.add_submodule(name, SkipAdd())
@@ -134,8 +113,8 @@ def network_io_layers(gm: fx.GraphModule, plan: Plan) -> dict[str, tuple[bool, b
     layers = {n: row for n, row in _layer_nodes(gm, plan).items() if row.in_leaf is None}
     out = {}
     for node, row in layers.items():
-        reads = not (_ancestors(node) & layers.keys())
-        writes = not (_descendants(node) & layers.keys())
+        reads = not (ancestors(node) & layers.keys())
+        writes = not (descendants(node) & layers.keys())
         if reads or writes:
             out[row.name] = (reads, writes)
     return out

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from torch import fx, nn
 
 from .partition import Plan, is_add
+from .walk import ancestors, descendants
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
@@ -200,36 +201,14 @@ def _residual_regions(graph: fx.Graph, layers: set[fx.Node]) -> list[_Region]:
         if not is_add(node):
             continue
         a, b = (x for x in node.args if isinstance(x, fx.Node))
-        ancestors = _ancestors(node)
-        source = a if a in _ancestors(b) else b if b in _ancestors(a) else None
+        upstream = ancestors(node)
+        source = a if a in ancestors(b) else b if b in ancestors(a) else None
         if source is None:
             continue
-        nodes = frozenset((_descendants(source) & ancestors) | {node})
+        nodes = frozenset((descendants(source) & upstream) | {node})
         if nodes & layers:
             regions.append(_Region(node, nodes))
     return regions
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.users)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
 
 
 def _rewritten_in_place(value: object, modules: dict[str, nn.Module]) -> bool:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .walk import descendants
+
 LAYER_KINDS: dict[type, str] = {nn.Conv2d: "conv2d", nn.Linear: "linear", nn.ConvTranspose2d: "conv_transpose2d"}
 _UPSAMPLE_MODULES = (nn.PixelShuffle, nn.Upsample, nn.ConvTranspose2d)
 _UPSAMPLE_FUNCTIONS = {F.pixel_shuffle, F.interpolate, F.upsample, torch.pixel_shuffle}
@@ -133,12 +135,12 @@ def _roles(g: _Graph) -> tuple[dict[fx.Node, str], fx.Node | None]:
         if n in g.upsamples and (after_layer[n] or n in is_layer):
             if n in is_layer:
                 tail.add(n)
-            tail |= _descendants(n) & is_layer
+            tail |= descendants(n) & is_layer
     tail |= {n for n in is_layer if _reaches_shuffle(n, g.shuffles, is_layer)}  # the upsampler's convs
     tail |= {n for n in is_layer if not before_layer[n]}
     global_residual = _global_residual(nodes, head, is_layer, after_layer)
     if global_residual is not None:
-        tail |= _descendants(global_residual) & is_layer
+        tail |= descendants(global_residual) & is_layer
     tail -= head
     roles = {n: "head" if n in head else "tail" if n in tail else "body" for n in is_layer}
     return roles, global_residual
@@ -232,17 +234,6 @@ def _modules_before(model: nn.Module, name: str) -> list[nn.Module]:
     return out
 
 
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(node.users)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
-    return seen
-
-
 def _reaches_shuffle(node: fx.Node, shuffles: set[fx.Node], is_layer: set[fx.Node]) -> bool:
     """The node's output reaches a pixel shuffle through single-input ops only."""
     stack = list(node.users)
@@ -272,7 +263,7 @@ def _global_residual(nodes, head, is_layer, after_layer) -> fx.Node | None:
             continue
         if not all(a in head_outputs or (after_layer[a] or a in is_layer) for a in operands):
             continue
-        later_merges = [d for d in _descendants(n) if is_add(d) and all(after_layer[a] or a in is_layer
+        later_merges = [d for d in descendants(n) if is_add(d) and all(after_layer[a] or a in is_layer
                                                                           for a in d.all_input_nodes)]
         if not later_merges:
             return n
