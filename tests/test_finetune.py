@@ -230,3 +230,23 @@ def test_minutes_budget_is_kept(setup):
     assert time.time() - t0 < 0.25 * 60 + 20
     assert result.total_steps >= 5 and (run / "final.safetensors").is_file()
     assert json.loads((run / "config.json").read_text())["total_steps"] == result.total_steps
+
+
+def test_demo_runs_the_whole_pipeline(setup, tmp_path):
+    from srbinarize.models import zoo_names
+    from srbinarize.train.cli import run_demo, skimage_folders
+
+    if "edsr-x2" not in zoo_names():
+        pytest.skip("zoo model not built")
+    data = tmp_path / "data"
+    _crops(DATA / "BSD100" / "HR", data / "BSD100", 6)
+    _crops(DATA / "Set5" / "HR", data / "Set5", 2, 64)
+    _crops(DATA / "Set14" / "HR", data / "Set14", 2, 64)
+    report = run_demo(0.15, tmp_path / "demo", data=data, progress=False, batch=4, patch=16)
+    for row in ("| bicubic |", "| FP teacher |", "| converted (no finetune) |", "| finetuned (final, step"):
+        assert row in report, report
+    assert "Set5 x2" in report and "Set14 x2" in report
+    assert (tmp_path / "demo" / "report.md").read_text() == report
+    assert (tmp_path / "demo" / "crops.png").is_file() and (tmp_path / "demo" / "curves.png").is_file()
+    train, evaluation = skimage_folders(tmp_path / "photos")  # the fallback without ../shared/data
+    assert len(list((train / "HR").glob("*.png"))) == 8 and len(list((evaluation / "HR").glob("*.png"))) == 3

@@ -237,7 +237,7 @@ class RunLog:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the half-written last line of a killed run
-                if rec.get("step", 0) <= step and not (rec.get("kind") == "val" and rec.get("step", 0) == step):
+                if rec.get("step", 0) <= step:  # a validation at ``step`` ran before that step's checkpoint
                     keep.append(line)
         _atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
         self.metrics = self.metrics_path.open("a")
