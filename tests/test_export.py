@@ -9,13 +9,14 @@ import torch
 from conftest import DATA, edsr, msrresnet
 from onnx import numpy_helper
 from PIL import Image
+from recipe_checks import convert_small, msrresnet_x2
 
 import srbinarize
 from srbinarize.checkpoint import save_model
 from srbinarize.cli import main
 from srbinarize.export.onnx import OnnxExportError, export_onnx
 from srbinarize.export.qdq import fp32_onnx
-from srbinarize.layers import ScalesConv2d, ScalesLinear
+from srbinarize.layers import QuantLayer, ScalesConv2d, ScalesLinear
 from srbinarize.models.spec import ModelSpec
 from srbinarize.runtime import DOMAIN, ort_session
 
@@ -136,9 +137,46 @@ def test_binary_file_is_much_smaller_than_fp(tmp_path):
     assert report.file_bytes < fp_bytes / 2.5
 
 
-def test_other_quant_layers_are_refused(tmp_path):
-    model = srbinarize.convert(edsr(num_block=1), "lmb").eval()
-    with pytest.raises(OnnxExportError, match="LmbConv2d"):
+def fp32_elements(path) -> int:
+    """FP32 numbers stored in an ONNX file (initializers and Constant nodes)."""
+    proto = onnx.load(str(path))
+    tensors = list(proto.graph.initializer) + [n.attribute[0].t for n in proto.graph.node if n.op_type == "Constant"]
+    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type == onnx.TensorProto.FLOAT)
+
+
+DEPLOYED_CASES = {
+    "bam": (msrresnet_x2, "bam", {}),
+    "bam-fp-activations": (msrresnet_x2, "bam", {"binarize_activations": False}),
+    "lmb": (edsr, "lmb", {}),
+    "lmb-fp-activations": (edsr, "lmb", {"binarize_activations": False}),
+    "ma": (edsr, "ma", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEPLOYED_CASES))
+def test_bam_lmb_ma_deployed_forms(case, tmp_path):
+    factory, recipe, overrides = DEPLOYED_CASES[case]
+    model = convert_small(factory(), recipe, **overrides).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    assert len(report.packed) == len(layers) > 0
+    nodes = {n.name for n in binary_nodes(path)}
+    binary_acts = recipe != "ma" and "binarize_activations" not in overrides
+    assert nodes == (set(layers) if binary_acts else set())  # weight-only layers: standard Conv, bits unpacked
+    # Every replaced conv's weights are stored as bits, not as FP32 numbers.
+    fp_path = fp32_onnx(factory().eval(), tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
+    body = sum(m.weight.numel() for m in layers.values())
+    assert fp32_elements(path) < fp32_elements(fp_path) - 0.9 * body
+    check_parity(model, path)
+
+
+def test_layers_without_a_deployed_form_are_refused(tmp_path):
+    model = srbinarize.convert(edsr(num_block=1), "lmb", binarize_weights=False).eval()
+    with pytest.raises(OnnxExportError, match=r"body\.0\.conv1: LMB conv with binarize_weights off"):
+        export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16))
+    model = srbinarize.convert(edsr(num_block=1), "fqsr").eval()
+    with pytest.raises(OnnxExportError, match="export_qdq"):
         export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16))
     assert not list(tmp_path.iterdir()), "a failed export left a file behind"
 

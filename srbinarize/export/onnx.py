@@ -41,8 +41,11 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from ..layers.bam import BamConv2d, _statistic
 from ..layers.base import QuantLayer
 from ..layers.fqsr import FqsrAdd, FqsrConv2d
+from ..layers.lmb import LmbConv2d, local_mean
+from ..layers.ma import MaConv2d
 from ..layers.scales import ScalesConv2d, _ScalesBase
 from ..runtime import DOMAIN
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
@@ -135,6 +138,103 @@ class _BinaryOp(torch.autograd.Function):
         return y
 
 
+@dataclass(frozen=True)
+class _PackedBits:
+    """+-1 weights stored as bits (numpy packbits, little bit order, C order of ``shape``)."""
+
+    bits: np.ndarray  # uint8
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, weight_pm1: torch.Tensor) -> _PackedBits:
+        flat = (weight_pm1.detach().numpy() >= 0).reshape(-1)
+        return cls(np.packbits(flat, bitorder="little"), tuple(weight_pm1.shape))
+
+    def unpack(self) -> torch.Tensor:
+        n = int(np.prod(self.shape))
+        flat = np.unpackbits(self.bits, count=n, bitorder="little").astype(np.float32) * 2 - 1
+        return torch.from_numpy(flat.reshape(self.shape))
+
+
+class _UnpackSigns(torch.autograd.Function):
+    """The +-1 FP weight of a weight-only binary conv, stored as bits and unpacked by standard ONNX ops.
+
+    The symbolic writes a placeholder node that `_expand_unpack` replaces (torch's constant folding would
+    otherwise turn the unpacked weight into an FP32 initializer); onnxruntime folds the unpacking once, at
+    session creation.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, packed: _PackedBits):
+        return packed.unpack().to(anchor.dtype)
+
+    @staticmethod
+    def symbolic(g, anchor, packed: _PackedBits):
+        bits = g.op("Constant", value_t=torch.from_numpy(packed.bits.copy()))
+        y = g.op(f"{DOMAIN}::_UnpackSigns", bits, shape_i=list(packed.shape))
+        y.setType(anchor.type().with_sizes(list(packed.shape)))
+        return y
+
+
+def _conv_deployed(name: str, weight_pm1: torch.Tensor, scale, bias, kernel_size: int) -> _Deployed:
+    """A binary conv on activations already thresholded at 0 (BAM, LMB: their FP pre-op comes first)."""
+    w = weight_pm1.detach().float()
+    return _Deployed(
+        name=name, op="BinaryConv2d", threshold=torch.zeros(w.shape[1]), weight_pm1=w,
+        packed=pack_conv_weight(w.numpy()), scale=scale.detach().float().clone(),
+        bias=None if bias is None else bias.detach().float().clone(), skip=False, kernel_size=kernel_size,
+    )
+
+
+def _weight_only(x: torch.Tensor, packed: _PackedBits, dep, stride=1, padding=0, dilation=1, groups=1):
+    """``conv(x, unpack(bits)) * scale + bias`` with FP activations (Ma; BAM / LMB with FP activations)."""
+    y = F.conv2d(x, _UnpackSigns.apply(x, packed), None, stride, padding, dilation, groups)
+    y = y * dep.scale.view(1, -1, 1, 1)
+    return y if dep.bias is None else y + dep.bias.view(1, -1, 1, 1)
+
+
+def _bam_forward(self: BamConv2d, x: torch.Tensor, *earlier: torch.Tensor) -> torch.Tensor:
+    dep = self._deployed_form
+    if not dep.binary_activations:
+        return _weight_only(x, self._packed_bits, dep, padding=dep.padding)
+    acc = sum(b * _statistic(t, dep.statistic) * t for b, t in zip(dep.beta, (*earlier, x), strict=True))
+    z = acc * dep.bn_mul.view(1, -1, 1, 1) + dep.bn_add.view(1, -1, 1, 1)
+    return _BinaryOp.apply(z, None, None, self._deployed)
+
+
+def _lmb_forward(self: LmbConv2d, x: torch.Tensor) -> torch.Tensor:
+    dep = self._deployed_form
+    if not dep.binary_activations:
+        return _weight_only(x, self._packed_bits, dep, padding=dep.padding)
+    return _BinaryOp.apply(x - local_mean(x, dep.window), None, None, self._deployed)
+
+
+def _ma_forward(self: MaConv2d, x: torch.Tensor) -> torch.Tensor:
+    dep = self._deployed_form
+    return _weight_only(x, self._packed_bits, dep, dep.stride, dep.padding, dep.dilation, dep.groups)
+
+
+def _patch_deployed_conv(name: str, m: QuantLayer, report: ExportReport) -> None:
+    """BAM / LMB / Ma: their ``deployed()`` form, with binary activations through BinaryConv2d."""
+    try:
+        dep = m.deployed()
+    except ValueError as err:
+        raise OnnxExportError(f"{name}: {err}") from None
+    m._deployed_form = dep
+    kind = type(m).__name__
+    if getattr(dep, "binary_activations", False):
+        m._deployed = _conv_deployed(name, dep.weight_pm1, dep.scale, dep.bias, m.kernel_size)
+        pre = "accumulated activations, BN" if isinstance(m, BamConv2d) else "x - local mean (AveragePool)"
+        report.packed.append(f"{name}: BinaryConv2d {m.in_channels}->{m.out_channels} k{m.kernel_size} "
+                             f"({kind}; FP pre-op: {pre}; threshold 0)")
+    else:
+        m._packed_bits = _PackedBits.of(dep.weight_pm1)
+        report.packed.append(f"{name}: Conv with 1-bit packed weights, FP activations ({kind}; weights unpacked"
+                             " by standard ONNX ops, folded by onnxruntime at session creation)")
+    forward = {BamConv2d: _bam_forward, LmbConv2d: _lmb_forward, MaConv2d: _ma_forward}[type(m)]
+    m.forward = types.MethodType(forward, m)
+
+
 def _deploy(name: str, layer: _ScalesBase) -> _Deployed:
     with torch.no_grad():
         w = layer.binary_weight().float()
@@ -194,10 +294,13 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
                 report.fp.append(f"{name}: SCALES {bits} (not both binary): standard ONNX ops")
             patched.append(m)
             branches |= {f"{name}.{sub}" for sub in ("spatial", "channel")}
+        elif type(m) in (BamConv2d, LmbConv2d, MaConv2d):
+            _patch_deployed_conv(name, m, report)
+            patched.append(m)
         elif isinstance(m, (FqsrConv2d, FqsrAdd)):
             raise OnnxExportError(f"{name}: FQSR layers export as QDQ: use srbinarize.export.qdq.export_qdq")
         elif isinstance(m, QuantLayer):
-            raise OnnxExportError(f"{name}: no ONNX export for {type(m).__name__} layers yet (SCALES only)")
+            raise OnnxExportError(f"{name}: no ONNX export for {type(m).__name__} layers")
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Conv1d)) and not isinstance(m, QuantLayer):
             if name in branches:
@@ -210,8 +313,9 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
     finally:
         for m in patched:
             del m.forward
-            if hasattr(m, "_deployed"):
-                del m._deployed
+            for attr in ("_deployed", "_deployed_form", "_packed_bits"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
 
 
 def _window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
@@ -246,9 +350,46 @@ def _swin_dynamic_shapes(model: nn.Module) -> Iterator[None]:
             m.window_reverse = fn
 
 
+def _expand_unpack(graph: onnx.GraphProto) -> None:
+    """Replace each ``_UnpackSigns(bits)`` placeholder by standard ops: bit i of byte j -> element 8j + i, +-1."""
+    from onnx import TensorProto, helper
+
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
+        if node.domain != DOMAIN or node.op_type != "_UnpackSigns":
+            continue
+        shape = list(onnx.helper.get_attribute_value(node.attribute[0]))
+        p = f"{node.output[0]}.unpack"
+        consts = {
+            "shape2": np.array([-1, 1], np.int64), "shifts": np.arange(8, dtype=np.uint8),
+            "two": np.array(2, np.uint8), "flat": np.array([-1], np.int64), "start": np.array([0], np.int64),
+            "end": np.array([int(np.prod(shape))], np.int64), "shape": np.array(shape, np.int64),
+            "twof": np.array(2.0, np.float32), "onef": np.array(1.0, np.float32),
+        }
+        graph.initializer.extend(numpy_helper.from_array(v, f"{p}.const.{k}") for k, v in consts.items())
+        c = {k: f"{p}.const.{k}" for k in consts}
+        nodes = [
+            helper.make_node("Reshape", [node.input[0], c["shape2"]], [f"{p}.bytes"]),
+            helper.make_node("BitShift", [f"{p}.bytes", c["shifts"]], [f"{p}.shifted"], direction="RIGHT"),
+            helper.make_node("Mod", [f"{p}.shifted", c["two"]], [f"{p}.bits"]),
+            helper.make_node("Cast", [f"{p}.bits"], [f"{p}.float"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", [f"{p}.float", c["flat"]], [f"{p}.flat"]),
+            helper.make_node("Slice", [f"{p}.flat", c["start"], c["end"]], [f"{p}.used"]),
+            helper.make_node("Reshape", [f"{p}.used", c["shape"]], [f"{p}.01"]),
+            helper.make_node("Mul", [f"{p}.01", c["twof"]], [f"{p}.02"]),
+            helper.make_node("Sub", [f"{p}.02", c["onef"]], [node.output[0]]),
+        ]
+        for i, new in enumerate(nodes):
+            new.name = f"{p}.{i}"
+        del graph.node[index]
+        for offset, new in enumerate(nodes):
+            graph.node.insert(index + offset, new)
+
+
 def _finish(model: onnx.ModelProto) -> None:
     """Rewrite the srbinarize nodes: optional inputs in their slots, constants as (uint64) initializers."""
     graph = model.graph
+    _expand_unpack(graph)
     producers = {out: node for node in graph.node if node.op_type == "Constant" for out in node.output}
     users: dict[str, int] = {}
     for node in graph.node:
