@@ -11,6 +11,7 @@ and the file sizes. Results go to stdout and benchmarks/results/e2e.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -27,6 +28,22 @@ from srbinarize.export.qdq import fp32_onnx
 from srbinarize.runtime import kernel_path, ort_session
 
 OUT = Path(__file__).resolve().parent / "results" / "e2e.md"
+
+
+def time_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[str, float]:
+    """Mean ms per run spent in each op type (onnxruntime's profiler, after one warm-up run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort_session(path, intra_op_num_threads=threads, inter_op_num_threads=1, enable_profiling=True,
+                              profile_file_prefix=str(Path(tmp) / "profile"))
+        for _ in range(runs + 1):
+            session.run(None, {"x": x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(nodes) // (runs + 1)
+    totals: dict[str, float] = {}
+    for e in nodes[per_run:]:  # skip the warm-up run
+        totals[e["args"]["op_name"]] = totals.get(e["args"]["op_name"], 0.0) + e["dur"] / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             del sessions
             rows.append(f"| {threads} | {ms['fp32']:.1f} | {ms['scales']:.1f} | {ms['fp32'] / ms['scales']:.2f}x |")
             print(rows[-1], flush=True)
+        profile = {name: time_by_op(path, x, args.threads[0]) for name, path in (("FP32", fp_path),
+                                                                                  ("SCALES", report.path))}
 
     import onnxruntime
 
@@ -85,6 +104,14 @@ def main(argv: list[str] | None = None) -> None:
             "|---|---|---|",
             f"| FP32 EDSR x2 | {sizes[0]:,} | 1.00x |",
             f"| SCALES EDSR x2 | {sizes[1]:,} | {sizes[0] / sizes[1]:.2f}x smaller |",
+            "",
+            f"Where the time goes ({args.threads[0]} thread(s), onnxruntime profiler, mean of 3 runs after a warm-up;"
+            " ms per run by op type, top 6):",
+            "",
+            "| model | " + " | ".join(f"op {i + 1}" for i in range(6)) + " |",
+            "|---|" + "---|" * 6,
+            *(f"| {name} | " + " | ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:6]) + " |"
+              for name, ops in profile.items()),
             "",
         ]
     )

@@ -126,7 +126,7 @@ def test_dynamic_batch_and_packed_weights(tmp_path):
 
 def test_binary_file_is_much_smaller_than_fp(tmp_path):
     fp = edsr(num_block=4, num_feat=64).eval()
-    binary = srbinarize.convert(fp, "scales").eval()
+    binary = srbinarize.convert(fp, "scales", calibrate=False).eval()  # the size does not depend on the values
     example = torch.rand(1, 3, 16, 16)
     fp_bytes = fp32_onnx(fp, tmp_path / "fp.onnx", example).stat().st_size
     report = export_onnx(binary, tmp_path / "bin.onnx", example)
