@@ -66,6 +66,7 @@ CASES = {
     "edsr-skip-always": (edsr, {"skip": "always"}),
     "edsr-skip-never-no-spatial": (edsr, {"skip": "never", "spatial_rescale": False}),
     "edsr-no-channel": (edsr, {"channel_rescale": False}),
+    "edsr-spatial-3x3": (edsr, {"spatial_kernel_size": 3}),
     "edsr-plain": (edsr, {"skip": "never", "spatial_rescale": False, "channel_rescale": False}),
     "msrresnet-auto": (msrresnet, {}),
     "msrresnet-skip-never": (msrresnet, {"skip": "never"}),

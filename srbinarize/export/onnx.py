@@ -252,9 +252,23 @@ def _deploy(name: str, layer: _ScalesBase) -> _Deployed:
         )
 
 
+def _spatial_map(layer: _ScalesBase, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's spatial map; a 1x1 conv C->1 is written as a MatMul over the channels.
+
+    onnxruntime runs a Conv in its blocked channel layout and reorders the C-channel input for each one (SCALES
+    EDSR x2, 256x256, 1 thread: 1021 ms with Conv, 898 ms with MatMul, same output to 3e-7).
+    """
+    conv = layer.spatial
+    if not isinstance(layer, ScalesConv2d) or conv is None or conv.kernel_size != (1, 1) or conv.bias is None:
+        return layer.spatial_map(x)
+    n, c, h, w = x.shape
+    t = torch.matmul(conv.weight.view(1, c), x.reshape(n, c, h * w)).view(n, 1, h, w)
+    return torch.sigmoid(t + conv.bias.view(1, 1, 1, 1))
+
+
 def _binary_forward(self: _ScalesBase, x: torch.Tensor) -> torch.Tensor:
     channel = self.channel_vector(x) if isinstance(self, ScalesConv2d) else None
-    return _BinaryOp.apply(x, self.spatial_map(x), channel, self._deployed)
+    return _BinaryOp.apply(x, _spatial_map(self, x), channel, self._deployed)
 
 
 def _fp_forward(self: _ScalesBase, x: torch.Tensor) -> torch.Tensor:
