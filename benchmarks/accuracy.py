@@ -32,7 +32,7 @@ from srbinarize.models.load import load_pretrained  # noqa: E402
 from srbinarize.train.evaluate import Entry, describe_sets, evaluate_entries, format_table, load_sets  # noqa: E402
 from srbinarize.train.finetune import finetune, hardware, run_exists  # noqa: E402
 
-DATA = Path(os.environ.get("SRBINARIZE_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("SRBINARIZE_DATA", os.path.relpath(REPO.parent / "shared" / "data")))
 
 
 def _finished(run: Path) -> bool:
@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"PSNR / SSIM on Y (BT.601), {scale} border pixels cropped; {describe_sets(sets)}.",
         "Finetuned rows are the models after the last step (validation on "
-        f"{', '.join(Path(v).name for v in args.val) or 'nothing'} drew the curves and selected nothing).",
+        f"{', '.join(Path(v).name for v in args.val) or 'nothing'} drew the curves and selected nothing). "
+        "Both start from the same calibrated conversion (the 'converted, no finetune' row) with the same seed and "
+        "samples; equal budget means equal steps: distillation adds one FP teacher forward per step (wall times "
+        "below).",
         "",
         "| finetuned row | steps | wall time (s) | run folder |",
         "|---|---|---|---|",
