@@ -13,7 +13,9 @@ What a run does (``<run>`` is the output folder):
 3. trains the converted student: L1 to HR + L1 to the teacher's output (+ optional body-feature
    distillation, + the recipe's extra losses; see `srbinarize.train.losses`), optimizer and schedule from
    the recipe's ``train`` section unless overridden, for ``steps`` optimizer steps or ``minutes`` of wall
-   time (the step count that fits is measured before step 0, then fixed, so the schedule is deterministic);
+   time (the step count that fits is measured before step 0 and checked once after a few real steps, when
+   other jobs may have slowed the machine; it is stored with the run, so a resumed run follows the same
+   schedule);
 4. validates every ``val_every`` steps (PSNR/SSIM-Y on the ``val`` sets), keeps ``<run>/best.safetensors``
    (best mean validation PSNR-Y) and writes ``<run>/final.safetensors`` at the end;
 5. writes ``train.log``, ``metrics.jsonl`` (one line per step, one per validation), ``curves.png``,
@@ -464,6 +466,7 @@ def finetune(
             f"images, val {[es.name for es in val_sets]}; {hardware()}")
 
     start_step = 0
+    t_val = 0.0
     best: dict[str, Any] | None = None
     if ckpt is not None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _Schedule(cfg.total_steps, cfg.schedule, cfg.warmup_steps))
@@ -498,7 +501,10 @@ def finetune(
 
     # ---- the loop
     deadline = t_start + cfg.minutes * 60 if (cfg.minutes and resume is None) else None
-    loader = patch_loader(dataset, cfg.batch, start_step=start_step, steps=total - start_step, workers=cfg.workers)
+    # Unbounded: the loop decides where to stop (a time-budget run may re-plan its length once).
+    loader = patch_loader(dataset, cfg.batch, start_step=start_step, steps=None, workers=cfg.workers)
+    step_times: list[float] = []
+    replan_at = start_step + min(8, max(3, total // 10)) if deadline is not None else None
     step = start_step
     interrupted = out_of_time = False
     last_val = -1
@@ -550,6 +556,7 @@ def finetune(
                 if max_steps_this_call is not None and step - start_step >= max_steps_this_call:
                     interrupted = True
                     break
+                t_step = time.time()
                 lr_b, hr_b = next(loader)
                 lr_b, hr_b = lr_b.to(device_t, non_blocking=True), hr_b.to(device_t, non_blocking=True)
                 teacher_sr = None
@@ -566,6 +573,16 @@ def finetune(
                 opt.step()
                 sched.step()
                 step += 1
+                step_times.append(time.time() - t_step)
+                if step == replan_at:
+                    new_total = _replan(step, total, step_times, deadline, t_val, cfg, log)
+                    if new_total != total:
+                        total = cfg.total_steps = new_total
+                        sched.lr_lambdas[0].total = total  # saved with the scheduler state
+                        _atomic_write_text(run_dir / CONFIG_FILE, json.dumps(asdict(cfg), indent=1))
+                        val_every = cfg.val_every or max(1, total // 5)
+                        if bar is not None:
+                            bar.total = total
                 value = float(loss.detach())
                 log.record({"step": step, "loss": value, "lr": current_lr, **parts})
                 ema = value if ema is None else 0.95 * ema + 0.05 * value
@@ -636,6 +653,21 @@ def _steps_for_budget(cfg: RunConfig, student, teacher, objective, dataset, devi
     steps = max(1, int(left / per_step))
     log.say(f"budget {cfg.minutes} min: {per_step:.3f} s/step measured, validation {t_val:.1f} s -> {steps} steps")
     return steps
+
+
+def _replan(step: int, total: int, step_times: list[float], deadline: float, t_val: float, cfg: RunConfig,
+            log: RunLog) -> int:
+    """A time-budget run checks its plan once, after a few real steps (other jobs may have slowed it)."""
+    per_step = sorted(step_times[1:])[len(step_times[1:]) // 2]  # the median, the first (warm-up) step left out
+    val_every = cfg.val_every or max(1, total // 5)
+    n_val = (total - step) // val_every + 1
+    left = deadline - time.time() - 1.3 * n_val * t_val - 5.0
+    new_total = step + max(1, int(left / per_step))
+    if abs(new_total - total) <= 0.15 * total:
+        return total
+    log.say(f"re-planned at step {step}: {per_step:.3f} s/step measured in training -> {new_total} steps "
+            f"instead of {total}")
+    return new_total
 
 
 def _pictures(run_dir, log, es: EvalSet, teacher, student, device, baselines, cfg) -> None:
