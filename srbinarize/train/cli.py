@@ -187,7 +187,8 @@ def add_eval(sub) -> None:
 
 
 def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", data: Path | None = None,
-             seed: int = 0, progress: bool = True, batch: int = 16, patch: int = 32, lr: float | None = 1e-3) -> str:
+             seed: int = 0, progress: bool = True, batch: int = 16, patch: int = 32, lr: float | None = 1e-3,
+             threads: int | None = None) -> str:
     """convert the zoo EDSR -> finetune ``minutes`` -> eval -> ``<out>/report.md``; returns the report."""
     from .evaluate import describe_sets, entries_for, evaluate_entries, format_table, load_sets
     from .finetune import finetune, hardware, run_exists
@@ -208,7 +209,7 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
         result = finetune(resume=out, progress=progress)
     else:
         result = finetune(model, recipe, train=train, val=val, out=out, minutes=minutes, seed=seed,
-                          progress=progress, batch=batch, patch=patch, lr=lr)
+                          progress=progress, batch=batch, patch=patch, lr=lr, threads=threads)
     t_train = time.time() - t0
     entries = entries_for(str(out))
     sets = load_sets(eval_roots, scale)
@@ -238,7 +239,7 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(args.minutes, args.output, args.scale, args.recipe, Path(args.data) if args.data else None,
-                      args.seed, not args.quiet, args.batch, args.patch, args.lr)
+                      args.seed, not args.quiet, args.batch, args.patch, args.lr, args.threads)
     print()
     print(report)
     print(f"(written to {args.output / 'report.md'})")
@@ -260,6 +261,7 @@ def add_demo(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3,
                    help="learning rate (default 1e-3: on 150-step SCALES runs it beat the recipe's 2e-4 by 0.4 dB)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (1 is much faster on a machine busy with other jobs)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("-o", "--output", type=Path, default=Path("runs/demo"))
     p.set_defaults(func=_cmd_demo)
