@@ -70,7 +70,7 @@ class ExportReport:
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.file_bytes / 1024:.1f} KiB)", f"packed (1-bit weights): {len(self.packed)}"]
         lines += [f"  {p}" for p in self.packed]
-        lines.append(f"FP: {len(self.fp)}")
+        lines.append("stayed FP (standard ONNX ops):")
         lines += [f"  {p}" for p in self.fp]
         return "\n".join(lines)
 
@@ -315,12 +315,15 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
             raise OnnxExportError(f"{name}: FQSR layers export as QDQ: use srbinarize.export.qdq.export_qdq")
         elif isinstance(m, QuantLayer):
             raise OnnxExportError(f"{name}: no ONNX export for {type(m).__name__} layers")
+    side = 0
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Conv1d)) and not isinstance(m, QuantLayer):
             if name in branches:
-                report.fp.append(f"{name}: FP re-scaling branch of a SCALES layer")
+                side += 1
             else:
                 report.fp.append(f"{name}: {type(m).__name__} not converted by the recipe")
+    if side:
+        report.fp.append(f"{side} re-scaling branches of SCALES layers (spatial map / channel vector)")
     try:
         with _swin_dynamic_shapes(model):
             yield
