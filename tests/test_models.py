@@ -166,3 +166,8 @@ def test_the_zoo_edsr_is_shipped_with_its_record():
     assert info["scale"] == 2 and info["results"]["Set5"]["psnr_y"] > info["results"]["Set5"]["bicubic_psnr_y"]
     with pytest.raises(ValueError, match="no model 'edsr-x9'"):
         load_pretrained("zoo:edsr-x9")
+    if "edsr-x4" in zoo_names():
+        model4, _ = load_pretrained("zoo:edsr-x4")
+        info4 = zoo_info("zoo:edsr-x4")
+        assert model_scale(model4) == 4
+        assert info4["results"]["Set5"]["psnr_y"] > info4["results"]["Set5"]["bicubic_psnr_y"]

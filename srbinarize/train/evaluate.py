@@ -47,8 +47,8 @@ def _file_extra(path: Path) -> dict[str, Any]:
 
 
 def entries_for(source: str, arch: str | None = None, arch_kwargs: Any = None, recipe: str | None = None,
-                scale: int | None = None) -> list[Entry]:
-    """The table rows one MODEL argument stands for."""
+                scale: int | None = None, include_best: bool = True) -> list[Entry]:
+    """The table rows one MODEL argument stands for (a run: also its best-on-validation model if it differs)."""
     from ..checkpoint import load_model
     from ..models.load import load_pretrained
 
@@ -64,7 +64,7 @@ def entries_for(source: str, arch: str | None = None, arch_kwargs: Any = None, r
         if (path / "final.safetensors").is_file():
             step = _file_extra(path / "final.safetensors").get("step", "?")
             rows.append(Entry(f"finetuned (final, step {step})", load_model(path / "final.safetensors")))
-        if (path / "best.safetensors").is_file():
+        if include_best and (path / "best.safetensors").is_file():
             extra = _file_extra(path / "best.safetensors")
             final_step = _file_extra(path / "final.safetensors").get("step") if (path / "final.safetensors").is_file() \
                 else None

@@ -574,6 +574,7 @@ def finetune(
                 sched.step()
                 step += 1
                 step_times.append(time.time() - t_step)
+                parts["sec"] = round(step_times[-1], 4)
                 if step == replan_at:
                     new_total = _replan(step, total, step_times, deadline, t_val, cfg, log)
                     if new_total != total:
