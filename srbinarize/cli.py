@@ -121,25 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("finetune", "eval", "demo"):
-        from .train.cli import run
+    from .errors import SrbinarizeError
 
-        return run(args)
-    from .checkpoint import CheckpointError
-    from .convert import ConversionError
-    from .export.onnx import OnnxExportError
-    from .export.upscale import ImageError
-    from .models.spec import ModelSpecError
-    from .recipe import RecipeError
-
-    errors = (RecipeError, ConversionError, CheckpointError, ModelSpecError, FileNotFoundError, OnnxExportError,
-              ImageError)
     try:
-        args.func(args)
-    except errors as err:
+        return args.func(args) or 0
+    except (SrbinarizeError, FileNotFoundError) as err:
         print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

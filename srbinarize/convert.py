@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import SrbinarizeError
 from .graph.adds import insert_skip_adds, network_io_layers
 from .graph.chains import wire_extra_inputs
 from .graph.fold_bn import fold_bn_graph
@@ -33,7 +34,7 @@ from .recipe import Calibration, Recipe, load_recipe
 INFO_ATTR = "srbinarize_info"
 
 
-class ConversionError(ValueError):
+class ConversionError(SrbinarizeError):
     """The model cannot be converted (no layers, no input size that runs, ...)."""
 
 

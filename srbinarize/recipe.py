@@ -26,13 +26,14 @@ from typing import Any
 
 import yaml
 
+from .errors import SrbinarizeError
 from .layers import LAYER_TYPES
 
 LAYER_KINDS = ("conv2d", "linear", "add")
 ROLES = ("head", "body", "tail")
 
 
-class RecipeError(ValueError):
+class RecipeError(SrbinarizeError):
     """A recipe that cannot be loaded: names the file and the offending key."""
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from ..errors import SrbinarizeError
 from ..layers.bam import BamConv2d, _statistic
 from ..layers.base import QuantLayer
 from ..layers.fqsr import FqsrAdd, FqsrConv2d
@@ -54,7 +55,7 @@ OPSET = 17
 _SLOTS = "threshold", "weight", "scale", "bias", "spatial", "channel_scale"
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(SrbinarizeError):
     """The model cannot be exported as a binary ONNX graph (unsupported layer type, ...)."""
 
 

@@ -40,12 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SrbinarizeError
 from ..layers.fqsr import FqsrConv2d, IntervalQuantizer
 
 OPSET = 17
 
 
-class QdqExportError(ValueError):
+class QdqExportError(SrbinarizeError):
     """The model cannot be written as a QDQ graph (not converted, not calibrated, ...)."""
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import SrbinarizeError
 
-class ImageError(ValueError):
+
+class ImageError(SrbinarizeError):
     """An image that cannot be read or written, or a model/image mismatch."""
 
 

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import SrbinarizeError
 from .spec import ModelSpec, ModelSpecError
 from .zoo import SPEC_KEY, is_zoo_name, zoo_path
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SrbinarizeError):
     """A checkpoint that cannot be read, recognised or loaded: says which file and why."""
 
 

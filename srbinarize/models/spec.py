@@ -9,8 +9,10 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import SrbinarizeError
 
-class ModelSpecError(ValueError):
+
+class ModelSpecError(SrbinarizeError):
     """An architecture that cannot be imported or built from its description."""
 
 

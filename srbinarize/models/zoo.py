@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import SrbinarizeError
 from .spec import ModelSpec
 
 ZOO_PREFIX = "zoo:"
@@ -23,7 +24,7 @@ SPEC_KEY = "srbinarize.model_spec"
 INFO_KEY = "srbinarize.zoo_info"
 
 
-class ZooError(ValueError):
+class ZooError(SrbinarizeError):
     """An unknown zoo name or a zoo file that cannot be read."""
 
 

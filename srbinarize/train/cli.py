@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -275,34 +274,3 @@ def register(sub) -> None:
     add_finetune(sub)
     add_eval(sub)
     add_demo(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m srbinarize.train.cli finetune|eval|demo ...`` (the same as ``srbinarize ...``)."""
-    parser = argparse.ArgumentParser(prog="srbinarize")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return run(args)
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import CheckpointError as ModelFileError
-    from ..convert import ConversionError
-    from ..models.load import CheckpointError
-    from ..models.spec import ModelSpecError
-    from ..models.zoo import ZooError
-    from ..recipe import RecipeError
-    from .data import DataError
-    from .finetune import FinetuneError
-    from .losses import LossError
-
-    try:
-        return args.func(args)
-    except (DataError, CheckpointError, ModelFileError, ModelSpecError, ZooError, RecipeError, ConversionError,
-            FinetuneError, LossError, FileNotFoundError) as err:
-        print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

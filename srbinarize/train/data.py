@@ -31,13 +31,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import SrbinarizeError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # LR samples are drawn within this many LR pixels of the crop so the bicubic kernel sees real neighbours:
 # the MATLAB kernel reaches 2 + 1/scale LR pixels from a pixel's centre.
 _MARGIN = 3
 
 
-class DataError(ValueError):
+class DataError(SrbinarizeError):
     """A data folder or image that cannot be used: says which and why."""
 
 

@@ -49,6 +49,7 @@ from torch import nn
 
 from ..checkpoint import load_model, save_model
 from ..convert import conversion_info, convert
+from ..errors import SrbinarizeError
 from ..models.load import load_pretrained, model_in_channels, model_scale
 from ..models.spec import ModelSpec
 from ..recipe import Recipe, TrainSpec, load_recipe, recipe_from_dict
@@ -69,7 +70,7 @@ SCHEDULES = ("cosine", "constant", "linear")
 CONFIG_FILE = "config.json"
 
 
-class FinetuneError(ValueError):
+class FinetuneError(SrbinarizeError):
     """Settings that cannot make a run (both or neither of steps/minutes, unknown optimizer, ...)."""
 
 

@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SrbinarizeError
+
 # name -> "module:function"; the function gets the student model after its forward pass.
 EXTRA_LOSSES: dict[str, str] = {
     "sqcl": "srbinarize.layers.fqsr:sqcl_loss",
 }
 
 
-class LossError(ValueError):
+class LossError(SrbinarizeError):
     """An extra loss the recipe declares that cannot be found."""
 
 
