@@ -6,19 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got '{pair}'")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
@@ -39,11 +26,12 @@ def _load_any(path: str, args: argparse.Namespace):
 def _cmd_convert(args: argparse.Namespace) -> None:
     from . import convert, summary
     from .checkpoint import save_model
+    from .train.cli import key_values
 
     model, spec = _load_any(args.checkpoint, args)
     if spec is None:
         raise SystemExit(f"{args.checkpoint} is already converted; give the pretrained FP checkpoint")
-    converted = convert(model, args.recipe, **_overrides(args.set))
+    converted = convert(model, args.recipe, **key_values(args.set, "--set"))
     print(summary(converted))
     save_model(converted, args.output, spec)
     print(f"wrote {args.output}")

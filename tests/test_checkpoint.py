@@ -51,7 +51,7 @@ def test_mismatching_architecture_names_file_and_keys(saved, tmp_path):
 def test_corrupt_and_foreign_files(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00\x01garbage")
-    with pytest.raises(CheckpointError, match="bad.safetensors.*not a readable safetensors"):
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors.*not a readable safetensors"):
         load_model(bad)
     from safetensors.torch import save_file
 

@@ -43,7 +43,7 @@ def test_user_recipe_file_without_code(tmp_path):
 
 
 def test_unknown_recipe_name():
-    with pytest.raises(RecipeError, match="unknown recipe 'scalez'.*scales"):
+    with pytest.raises(RecipeError, match=r"unknown recipe 'scalez'.*scales"):
         srbinarize.load_recipe("scalez")
 
 
@@ -72,11 +72,11 @@ def test_wrong_type_names_file_and_key(tmp_path, section, key, value, expected):
 
 
 def test_bad_top_level_and_layer_type(tmp_path):
-    with pytest.raises(RecipeError, match="unknown key.*'layer'"):
+    with pytest.raises(RecipeError, match=r"unknown key.*'layer'"):
         srbinarize.load_recipe(_write(tmp_path, {"name": "x", "layer": {}}))
-    with pytest.raises(RecipeError, match="layers.conv2d.type 'nope' is unknown"):
+    with pytest.raises(RecipeError, match=r"layers\.conv2d\.type 'nope' is unknown"):
         srbinarize.load_recipe(_write(tmp_path, {"name": "x", "layers": {"conv2d": {"type": "nope"}}}))
-    with pytest.raises(RecipeError, match="targets.roles"):
+    with pytest.raises(RecipeError, match=r"targets\.roles"):
         srbinarize.load_recipe(_write(tmp_path, {"name": "x", "targets": {"roles": ["neck"]},
                                                  "layers": {"conv2d": {"type": "scales"}}}))
 
@@ -85,7 +85,7 @@ def test_overrides_and_unknown_override():
     recipe = srbinarize.load_recipe("scales").with_overrides(spatial_rescale=False, roles=["body", "tail"])
     assert recipe.layers["conv2d"].config.spatial_rescale is False
     assert recipe.targets.roles == ("body", "tail")
-    with pytest.raises(RecipeError, match="unknown override.*spatial_rescal\\b"):
+    with pytest.raises(RecipeError, match=r"unknown override.*spatial_rescal\b"):
         srbinarize.load_recipe("scales").with_overrides(spatial_rescal=False)
 
 

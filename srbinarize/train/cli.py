@@ -20,7 +20,8 @@ import yaml
 DEFAULT_DATA_ROOT = "../shared/data"
 
 
-def _kv(pairs: list[str], what: str) -> dict[str, Any]:
+def key_values(pairs: list[str], what: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``, each value read as YAML."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -64,7 +65,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             raise SystemExit("srbinarize finetune: give the pretrained model (or --resume RUN_DIR)")
         if args.output is None:
             raise SystemExit("srbinarize finetune: give the run folder with -o RUN_DIR")
-        extra = {k: float(v) for k, v in _kv(args.extra_loss, "--extra-loss").items()} if args.extra_loss else None
+        extra = None
+        if args.extra_loss:
+            extra = {k: float(v) for k, v in key_values(args.extra_loss, "--extra-loss").items()}
         result = finetune(
             args.model, args.recipe, train=args.train, val=args.val, out=args.output, steps=args.steps,
             minutes=args.minutes, batch=args.batch, patch=args.patch, train_lr=args.train_lr, scale=args.scale,
@@ -72,7 +75,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
             l1_weight=args.l1_weight, distill_weight=0.0 if args.no_distill else args.distill_weight,
             feature_distill_weight=args.feature_distill_weight, extra_losses=extra,
-            recipe_overrides=_kv(args.set, "--set"), seed=args.seed, val_every=args.val_every,
+            recipe_overrides=key_values(args.set, "--set"), seed=args.seed, val_every=args.val_every,
             val_limit=args.val_limit, save_every=args.save_every, workers=args.workers, threads=args.threads,
             device=args.device, progress=not args.quiet,
         )
