@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", type=int, default=32)
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ablation", action="store_true",
+                   help="finetune with distillation only (skip the L1-only row), e.g. to compare recipes")
     p.add_argument("--threads", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--runs", default="runs/accuracy", help="folder for the run folders")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = [Entry(f"FP {args.model}", teacher)]
     rows: dict[str, dict] = {}
     for recipe in args.recipe:
-        for distill in (True, False):
+        for distill in (True,) if args.no_ablation else (True, False):
             run = Path(args.runs) / f"{tag}_{recipe}_{'distill' if distill else 'nodistill'}"
             info = run_row(args, recipe, distill, run)
             if distill:

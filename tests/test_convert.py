@@ -165,3 +165,23 @@ def test_leaf_fallback_inside_traced_model():
     assert plan.traced and plan.leaves == ["1", "2"]
     assert {r.name for r in plan.by_role("body")} == {"1.conv", "2.conv"}
     assert isinstance(binary.get_submodule("1.conv"), ScalesConv2d)
+
+
+def test_model_without_layers_is_one_clear_error():
+    with pytest.raises(srbinarize.ConversionError, match=r"Sequential has no Conv2d.*nothing to convert"):
+        srbinarize.convert(nn.Sequential(nn.ReLU(), nn.PixelShuffle(2)))
+
+
+def test_model_rejecting_every_example_input_is_one_clear_error():
+    class NeedsFiveChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(5, 5, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(srbinarize.ConversionError, match=r"NeedsFiveChannels rejects.*example_input"):
+        srbinarize.convert(NeedsFiveChannels())
+    binary = srbinarize.convert(NeedsFiveChannels(), example_input=torch.rand(1, 5, 12, 12))
+    assert binary(torch.rand(1, 5, 9, 9)).shape == (1, 5, 9, 9)
