@@ -100,7 +100,8 @@ def test_resume_continues_bit_for_bit(setup):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "srbinarize.cli", *args]
+    # The installed command: `python -m` from the checkout would import the source tree instead.
+    return [str(Path(sys.executable).with_name("srbinarize")), *args]
 
 
 def _env() -> dict[str, str]:
