@@ -43,10 +43,23 @@ def _finished(run: Path) -> bool:
     return (run / "final.safetensors").is_file() and not s.get("interrupted", True)
 
 
+def _same_settings(run: Path, args, recipe: str, distill: bool) -> bool:
+    """Whether a finished run was made with this invocation's model, recipe, budget and training settings."""
+    cfg = json.loads((run / "summary.json").read_text())["config"]
+    wanted = {"model": args.model, "steps": args.steps, "minutes": args.minutes, "batch": args.batch,
+              "patch": args.patch, "seed": args.seed}
+    if args.lr is not None:
+        wanted["lr"] = args.lr
+    same = all(cfg.get(k) == v for k, v in wanted.items()) and cfg["recipe"]["name"] == recipe
+    return same and (cfg["distill_weight"] != 0) == distill
+
+
 def run_row(args, recipe: str, distill: bool, run: Path) -> dict:
     t0 = time.time()
     if _finished(run):
-        print(f"[{run.name}] finished earlier: reused", flush=True)
+        if not _same_settings(run, args, recipe, distill):
+            raise SystemExit(f"{run} holds a finished run with other settings: give another --runs folder")
+        print(f"[{run.name}] finished earlier with the same settings: reused", flush=True)
     elif run_exists(run):
         print(f"[{run.name}] resuming", flush=True)
         finetune(resume=run, progress=not args.quiet)
