@@ -146,10 +146,7 @@ class BamConv2d(QuantLayer):
         if config.weight_bn and module.weight[0].numel() < 2:
             raise ValueError("BAM's weight BN needs at least two weights per filter")
         layer = cls(module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None, config)
-        with torch.no_grad():
-            layer.weight.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
+        layer.copy_weights_from(module)
         layer.reset_weight_bn()
         return layer.to(module.weight.device)
 

@@ -29,6 +29,13 @@ class QuantLayer(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def copy_weights_from(self, module: nn.Module) -> None:
+        """Start from the FP layer: its weight, and its bias where it has one."""
+        self.weight.copy_(module.weight)
+        if module.bias is not None:
+            self.bias.copy_(module.bias)
+
+    @torch.no_grad()
     def calibrate(self, x: torch.Tensor, y_fp: torch.Tensor) -> None:
         """Initialise from a batch of the FP layer's inputs ``x`` and outputs ``y_fp`` (default: nothing)."""
 

@@ -99,10 +99,7 @@ class LmbConv2d(QuantLayer):
         if reason:
             raise ValueError(f"LMB cannot replace this conv: {reason}")
         layer = cls(module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None, config)
-        with torch.no_grad():
-            layer.weight.copy_(module.weight)
-            if module.bias is not None:
-                layer.bias.copy_(module.bias)
+        layer.copy_weights_from(module)
         return layer.to(module.weight.device)
 
     def threshold(self, x: torch.Tensor) -> torch.Tensor:

@@ -210,12 +210,10 @@ class _ScalesBase(QuantLayer):
         return self.spatial is not None or self.channel is not None
 
     def _init_skip_weight(self, module: nn.Module) -> None:
-        with torch.no_grad():
-            self.weight.copy_(module.weight)
-            if self.use_skip:
+        self.copy_weights_from(module)
+        if self.use_skip:
+            with torch.no_grad():
                 self.weight -= self._identity_delta()
-            if module.bias is not None:
-                self.bias.copy_(module.bias)
 
 
 class ScalesConv2d(_ScalesBase):
