@@ -2,6 +2,11 @@
 
     python benchmarks/accuracy.py --model zoo:edsr-x2 --recipe scales --steps 600 \\
         -o benchmarks/results/accuracy_scales_edsr_x2
+    python benchmarks/accuracy.py --recipe fqsr:4/4/8 fqsr:6/6/8 scales:skip=false ...
+
+A recipe is a name or YAML path, optionally followed by ``:`` and overrides of its options: FQSR-style bits
+``w/a/s`` (``bits_w``, ``bits_a``, ``bits_s``) or ``key=value`` pairs separated by commas (values read as YAML,
+as ``srbinarize finetune --set``).
 
 For each recipe it converts the model (calibrated on training patches), finetunes it twice with the same
 budget and seed, once with L1 + distillation from the FP teacher (the recipe's weights) and once with L1
@@ -17,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,10 +36,33 @@ sys.path.insert(0, str(REPO))
 
 from srbinarize.checkpoint import load_model  # noqa: E402
 from srbinarize.models.load import load_pretrained  # noqa: E402
+from srbinarize.recipe import load_recipe  # noqa: E402
+from srbinarize.train.cli import key_values  # noqa: E402
 from srbinarize.train.evaluate import Entry, describe_sets, evaluate_entries, format_table, load_sets  # noqa: E402
 from srbinarize.train.finetune import finetune, hardware, run_exists  # noqa: E402
 
 DATA = Path(os.environ.get("SRBINARIZE_DATA", os.path.relpath(REPO.parent / "shared" / "data")))
+BITS = re.compile(r"(\d+)/(\d+)/(\d+)")
+
+
+def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
+    """``fqsr:6/6/8`` -> ``("fqsr", {"bits_w": 6, "bits_a": 6, "bits_s": 8})``; ``scales:skip=false,k=v`` -> pairs.
+
+    The overrides are checked against the recipe (an unknown key or value is an error before any run starts).
+    """
+    name, _, options = text.partition(":")
+    bits = BITS.fullmatch(options)
+    if bits:
+        overrides: dict[str, Any] = dict(zip(("bits_w", "bits_a", "bits_s"), map(int, bits.groups()), strict=True))
+    else:
+        overrides = key_values(options.split(","), f"--recipe {text}") if options else {}
+    load_recipe(name).with_overrides(**overrides)
+    return name, overrides
+
+
+def run_tag(recipe: str) -> str:
+    """A folder-name-safe form of a recipe argument: ``fqsr:6/6/8`` -> ``fqsr-6-6-8``."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", recipe)
 
 
 def _finished(run: Path) -> bool:
@@ -43,21 +73,24 @@ def _finished(run: Path) -> bool:
     return (run / "final.safetensors").is_file() and not s.get("interrupted", True)
 
 
-def _same_settings(run: Path, args, recipe: str, distill: bool) -> bool:
-    """Whether a finished run was made with this invocation's model, recipe, budget and training settings."""
+def _same_settings(run: Path, args, recipe: str, overrides: dict[str, Any], distill: bool) -> bool:
+    """Whether a finished run was made with this invocation's model, recipe (options included), budget and
+    training settings."""
     cfg = json.loads((run / "summary.json").read_text())["config"]
+    layers = load_recipe(recipe).with_overrides(**overrides).to_dict()["layers"]
     wanted = {"model": args.model, "steps": args.steps, "minutes": args.minutes, "batch": args.batch,
               "patch": args.patch, "seed": args.seed}
     if args.lr is not None:
         wanted["lr"] = args.lr
-    same = all(cfg.get(k) == v for k, v in wanted.items()) and cfg["recipe"]["name"] == recipe
+    same = all(cfg.get(k) == v for k, v in wanted.items())
+    same = same and cfg["recipe"]["name"] == load_recipe(recipe).name and cfg["recipe"]["layers"] == layers
     return same and (cfg["distill_weight"] != 0) == distill
 
 
-def run_row(args, recipe: str, distill: bool, run: Path) -> dict:
+def run_row(args, recipe: str, overrides: dict[str, Any], distill: bool, run: Path) -> dict:
     t0 = time.time()
     if _finished(run):
-        if not _same_settings(run, args, recipe, distill):
+        if not _same_settings(run, args, recipe, overrides, distill):
             raise SystemExit(f"{run} holds a finished run with other settings: give another --runs folder")
         print(f"[{run.name}] finished earlier with the same settings: reused", flush=True)
     elif run_exists(run):
@@ -67,7 +100,8 @@ def run_row(args, recipe: str, distill: bool, run: Path) -> dict:
         print(f"[{run.name}] finetuning", flush=True)
         finetune(args.model, recipe, train=args.train, val=args.val, out=run, steps=args.steps, minutes=args.minutes,
                  batch=args.batch, patch=args.patch, lr=args.lr, distill_weight=None if distill else 0.0,
-                 seed=args.seed, threads=args.threads, workers=args.workers, progress=not args.quiet)
+                 recipe_overrides=overrides, seed=args.seed, threads=args.threads, workers=args.workers,
+                 progress=not args.quiet)
     summary = json.loads((run / "summary.json").read_text())
     cfg = summary["config"]
     return {"run": str(run), "steps": summary["step"], "total_steps": summary["total_steps"],
@@ -79,7 +113,8 @@ def run_row(args, recipe: str, distill: bool, run: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="zoo:edsr-x2")
-    p.add_argument("--recipe", nargs="+", default=["scales"])
+    p.add_argument("--recipe", nargs="+", default=["scales"], metavar="RECIPE[:OPTIONS]",
+                   help="recipes to compare, each with optional overrides: fqsr:6/6/8 (bits w/a/s), scales:skip=false")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="optimizer steps per finetuned row")
     budget.add_argument("--minutes", type=float, help="wall-clock minutes per finetuned row")
@@ -98,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("-o", "--out", required=True, help="output path without suffix (.md and .json are written)")
     args = p.parse_args(argv)
+    try:
+        recipes = {text: parse_recipe(text) for text in args.recipe}
+    except ValueError as e:  # RecipeError is one
+        p.error(str(e))
     command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.model.replace("zoo:", "").replace("/", "_").replace(".", "_")
     entries = [Entry(f"FP {args.model}", teacher)]
     rows: dict[str, dict] = {}
-    for recipe in args.recipe:
+    for recipe, (name, overrides) in recipes.items():
         for distill in (True,) if args.no_ablation else (True, False):
-            run = Path(args.runs) / f"{tag}_{recipe}_{'distill' if distill else 'nodistill'}"
-            info = run_row(args, recipe, distill, run)
+            run = Path(args.runs) / f"{tag}_{run_tag(recipe)}_{'distill' if distill else 'nodistill'}"
+            info = run_row(args, name, overrides, distill, run)
             if distill:
                 entries.append(Entry(f"{recipe}: converted, no finetune", load_model(run / "converted.safetensors")))
             label = (f"{recipe}: finetuned, L1 + distillation (w={info['distill_weight']:g})" if distill
