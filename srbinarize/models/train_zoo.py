@@ -1,11 +1,13 @@
 """Train the project's own FP model for the zoo: ``python -m srbinarize.models.train_zoo``.
 
     nice -n 10 python -m srbinarize.models.train_zoo --scale 2 --steps 2000 -o runs/zoo_edsr_x2
+    nice -n 5 python -m srbinarize.models.train_zoo --arch swinir --batch 8 --steps 1400 -o runs/zoo_swinir_x2
 
-A small basicsr EDSR, L1 loss, Adam with a cosine schedule, random patches of the HR images of
+A small basicsr EDSR (``--arch edsr``) or lightweight SwinIR (``--arch swinir``: window 8, pixel-shuffle-direct
+upsampler, ``img_size`` = the LR patch), L1 loss, Adam with a cosine schedule, random patches of the HR images of
 ``../shared/data/BSD100`` with on-the-fly MATLAB-style bicubic LR (`srbinarize.train.data.TrainPatches`).
 At the end it measures PSNR/SSIM-Y on the benchmark sets (their given LR files) *after* the fp16 round trip
-that the shipped file goes through, and writes ``<run>/edsr_x<s>.safetensors`` (``--install`` copies it into
+that the shipped file goes through, and writes ``<run>/<arch>_x<s>.safetensors`` (``--install`` copies it into
 ``srbinarize/models/zoo/``), with the config, the budget and those figures in its metadata.
 ``--init`` starts from another zoo model (x4 from x2: every tensor whose shape matches is copied).
 The run folder keeps ``last.pt`` every ``--save-every`` steps; ``--resume`` continues from it.
@@ -33,11 +35,36 @@ DEFAULT_DATA = "../shared/data/BSD100"
 DEFAULT_SETS = ("../shared/data/Set5", "../shared/data/Set14")
 
 
+ARCHS = ("edsr", "swinir")
+
+
 def edsr_spec(scale: int, num_feat: int, num_block: int) -> ModelSpec:
     return ModelSpec(
         "basicsr.archs.edsr_arch:EDSR",
         {"num_in_ch": 3, "num_out_ch": 3, "num_feat": num_feat, "num_block": num_block, "upscale": scale},
     )
+
+
+def swinir_spec(scale: int, img_size: int, embed_dim: int, depths: list[int], num_heads: list[int],
+                window_size: int = 8, mlp_ratio: float = 2.0) -> ModelSpec:
+    """A lightweight basicsr SwinIR (one conv closing each group, pixel-shuffle-direct upsampler, inputs in [0, 1]).
+
+    ``img_size`` only sizes the attention masks kept as buffers; other input sizes are padded to the window.
+    """
+    return ModelSpec(
+        "basicsr.archs.swinir_arch:SwinIR",
+        {"upscale": scale, "in_chans": 3, "img_size": img_size, "window_size": window_size, "img_range": 1.0,
+         "depths": depths, "embed_dim": embed_dim, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+         "upsampler": "pixelshuffledirect", "resi_connection": "1conv"},
+    )
+
+
+def arch_spec(args: argparse.Namespace) -> ModelSpec:
+    """The spec ``--arch`` and its size options describe."""
+    if args.arch == "swinir":
+        return swinir_spec(args.scale, args.patch, args.embed_dim, args.depths, args.heads, args.window,
+                           args.mlp_ratio)
+    return edsr_spec(args.scale, args.num_feat, args.num_block)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int, final_ratio: float = 0.01) -> float:
@@ -49,9 +76,15 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, final_ratio: floa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m srbinarize.models.train_zoo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=ARCHS, default="edsr")
     p.add_argument("--scale", type=int, default=2)
-    p.add_argument("--num-feat", type=int, default=32)
-    p.add_argument("--num-block", type=int, default=8)
+    p.add_argument("--num-feat", type=int, default=32, help="EDSR features")
+    p.add_argument("--num-block", type=int, default=8, help="EDSR residual blocks")
+    p.add_argument("--embed-dim", type=int, default=48, help="SwinIR embedding width")
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 4], help="SwinIR blocks per residual group")
+    p.add_argument("--heads", type=int, nargs="+", default=[4, 4], help="SwinIR attention heads per group")
+    p.add_argument("--window", type=int, default=8, help="SwinIR window side (the LR patch must be a multiple)")
+    p.add_argument("--mlp-ratio", type=float, default=2.0, help="SwinIR MLP hidden width / embedding width")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--patch", type=int, default=32, help="LR patch side")
@@ -68,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true", help="copy the result into srbinarize/models/zoo/")
     p.add_argument("-o", "--out", required=True)
     args = p.parse_args(argv)
+    if args.arch == "swinir" and args.patch % args.window:
+        p.error(f"--patch {args.patch} must be a multiple of --window {args.window}")
+    if args.arch == "swinir" and len(args.heads) != len(args.depths):
+        p.error(f"--heads {args.heads} needs one entry per group of --depths {args.depths}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -80,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         log.write(msg + "\n")
         log.flush()
 
-    spec = edsr_spec(args.scale, args.num_feat, args.num_block)
+    spec = arch_spec(args)
     model = spec.build()
     if args.init:
         from .load import load_pretrained
@@ -132,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_s, wall_s = cpu_used + time.process_time() - cpu0, wall_used + time.time() - wall0
 
     # The shipped file is fp16: measure what a user gets.
-    name = f"edsr_x{args.scale}"
+    name = f"{args.arch}_x{args.scale}"
     info = {
         "arch": spec.target, "kwargs": spec.kwargs, "scale": args.scale,
         "trained_by": "python -m srbinarize.models.train_zoo " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -109,6 +109,19 @@ def evaluate_bicubic(eval_set: EvalSet, ssim: bool = True) -> SetResult:
     return _summarise(eval_set, outputs, ssim)
 
 
+def input_multiple(model: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """The side a model's input is padded to a multiple of: the largest integer ``window_size`` of its modules.
+
+    basicsr's SwinIR does not pad inputs itself (the original repository pads in its test script), so any
+    size that is not a multiple of the window fails; models that pad themselves (HAT) get the same padding.
+    1 for models without windows and for callables that are not modules.
+    """
+    if not isinstance(model, nn.Module):
+        return 1
+    sizes = [w for m in model.modules() if isinstance(w := getattr(m, "window_size", None), int)]
+    return max(sizes, default=1)
+
+
 def _pad_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
@@ -123,12 +136,14 @@ def super_resolve(
     lr: np.ndarray,
     scale: int,
     device: str | torch.device = "cpu",
-    pad_to: int = 1,
+    pad_to: int | None = None,
 ) -> np.ndarray:
     """Run ``model`` on one uint8 RGB LR image; uint8 RGB output of size ``scale`` x LR.
 
-    ``pad_to`` reflect-pads the input to a multiple (window-attention models) and crops the output back.
+    ``pad_to`` reflect-pads the input to a multiple (window-attention models) and crops the output back;
+    ``None`` takes the model's window (`input_multiple`).
     """
+    pad_to = input_multiple(model) if pad_to is None else pad_to
     x = torch.from_numpy(lr.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(device)
     x, h, w = _pad_multiple(x, pad_to) if pad_to > 1 else (x, *lr.shape[:2])
     y = model(x)
@@ -145,7 +160,7 @@ def evaluate_model(
     eval_set: EvalSet,
     device: str | torch.device = "cpu",
     ssim: bool = True,
-    pad_to: int = 1,
+    pad_to: int | None = None,
 ) -> SetResult:
     """Mean PSNR/SSIM-Y of ``model`` (eval mode during the call, restored after) on ``eval_set``."""
     was_training = model.training
