@@ -1,9 +1,15 @@
 """8-bit FQSR QDQ export against the FP32 export of the same model in onnxruntime (CPU).
 
     python benchmarks/qdq.py [--feat 64 --blocks 16 --scale 2 --size 96 --threads 1 --repeats 15]
+    python benchmarks/qdq.py --layouts [--size 96 --repeats 15]
 
 Same model (basicsr EDSR, random weights: speed does not depend on their values), same input, same
 thread count; the two sessions run alternately and the figure is the ratio of the medians.
+
+``--layouts`` times one 3x3 conv 64->64 as a QDQ graph in each integer layout onnxruntime fuses
+(activation and weight types, zero points, per-tensor or per-channel weights) against FP32, and checks
+each against the exact integer result, on typical data (half-normal activations, normal weights) and on
+full-range codes (uniform), where int16 saturation in a kernel shows.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from basicsr.archs.edsr_arch import EDSR
+from onnx import helper, numpy_helper
 
 import srbinarize
 from srbinarize.export.qdq import export_qdq, fp32_onnx
@@ -34,6 +43,121 @@ def _session(path: Path, threads: int, optimized: Path | None = None) -> ort.Inf
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _timed(sessions: dict[str, ort.InferenceSession], feeds: dict[str, dict], repeats: int) -> dict[str, float]:
+    """Median ms of each session, the sessions alternating run by run after one warm-up run each."""
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():
+        s.run(None, feeds[k])
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a QDQ conv stores its integers: activation and weight container, zero points, weight granularity."""
+
+    act: type  # np.uint8 or np.int8
+    act_zp: int
+    weight: type
+    weight_zp: int
+    weight_bits: int = 8
+    per_channel: bool = False
+    signed_data: bool = False  # activations with negative values (a conv output before ReLU)
+
+
+LAYOUTS = {
+    "u8 act, u8 weights zp 128 (export at 8 bits)": Layout(np.uint8, 0, np.uint8, 128),
+    "u8 act, s8 weights, 7-bit codes (export at <= 7 bits)": Layout(np.uint8, 0, np.int8, 0, weight_bits=7),
+    "u8 act, s8 weights": Layout(np.uint8, 0, np.int8, 0),
+    "u8 act, s8 weights per channel": Layout(np.uint8, 0, np.int8, 0, per_channel=True),
+    "u8 act, u8 weights zp 128 per channel": Layout(np.uint8, 0, np.uint8, 128, per_channel=True),
+    "s8 act, s8 weights (signed data)": Layout(np.int8, 0, np.int8, 0, signed_data=True),
+    "u8 act zp 128, u8 weights zp 128 (signed data)": Layout(np.uint8, 128, np.uint8, 128, signed_data=True),
+}
+
+
+def _graph(nodes: list, inits: list, shape: list[int]) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _qdq_conv(layout: Layout, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray, float]:
+    """``Q/DQ(x) -> Conv(DQ(w), DQ(b)) -> Q/DQ`` in ``layout``, the exact output codes and the output step."""
+    lo, hi = (0, 255) if layout.act == np.uint8 else (-128, 127)
+    sx = float(np.abs(x).max()) / (hi - layout.act_zp)
+    n = 2 ** (layout.weight_bits - 1) - 1
+    w_max = np.abs(w).reshape(len(w), -1).max(1) if layout.per_channel else np.abs(w).max()
+    sw = np.asarray(w_max / n, np.float32)
+    w_code = np.clip(np.round(w / sw.reshape(-1, 1, 1, 1)), -n - 1, n)
+    sb = (sx * sw).astype(np.float32)
+    b_code = np.round(b / sb).astype(np.int32)
+    sy = 4 * float(np.abs(x).max()) / 255
+    acc = torch.nn.functional.conv2d(torch.tensor(np.clip(np.round(x / sx), lo - layout.act_zp, hi - layout.act_zp)),
+                                     torch.tensor(w_code), torch.tensor(b_code, dtype=torch.float64), padding=1)
+    y_code = np.clip(np.round(acc.numpy() * (sx * sw.reshape(-1, 1, 1).astype(np.float64)) / sy),
+                     lo - layout.act_zp, hi - layout.act_zp)
+    per = {"axis": 0} if layout.per_channel else {}
+    zw = np.full(sw.shape, layout.weight_zp, layout.weight)
+    inits = [numpy_helper.from_array(np.asarray(v, t), k) for k, v, t in [
+        ("sx", sx, np.float32), ("zx", layout.act_zp, layout.act), ("sy", sy, np.float32),
+        ("w", w_code + layout.weight_zp, layout.weight), ("sw", sw, np.float32), ("zw", zw, layout.weight),
+        ("b", b_code, np.int32), ("sb", sb, np.float32), ("zb", np.zeros(sb.shape), np.int32)]]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"], **per),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"], **per),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[1] * 4),
+             helper.make_node("QuantizeLinear", ["c", "sy", "zx"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "zx"], ["y"])]
+    return _graph(nodes, inits, list(x.shape)), y_code, sy
+
+
+def layouts(size: int, threads: int, repeats: int) -> None:
+    """Time and check every `LAYOUTS` entry against FP32 on one conv; print a markdown table."""
+    rng = np.random.default_rng(0)
+    c = 64
+    typical = {"w": rng.normal(0, 0.05, (c, c, 3, 3)), "x": np.abs(rng.normal(0, 1, (1, c, size, size)))}
+    full = {"w": rng.uniform(-0.05, 0.05, (c, c, 3, 3)), "x": rng.uniform(0, 2, (1, c, size, size))}
+    b = rng.normal(0, 0.1, c)
+    sessions, feeds, errors, fused = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = _graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1] * 4)],
+                    [numpy_helper.from_array(typical["w"].astype(np.float32), "w"),
+                     numpy_helper.from_array(b.astype(np.float32), "b")], [1, c, size, size])
+        onnx.save(fp, f"{tmp}/fp32.onnx")
+        sessions["FP32"] = _session(Path(f"{tmp}/fp32.onnx"), threads)
+        feeds["FP32"] = {"x": typical["x"].astype(np.float32)}
+        for i, (name, layout) in enumerate(LAYOUTS.items()):
+            errors[name] = []
+            for data in (typical, full):
+                x = data["x"] - (1.0 if layout.signed_data else 0.0)
+                model, y_code, sy = _qdq_conv(layout, x, data["w"], b)
+                path = Path(tmp) / f"l{i}.onnx"
+                onnx.save(model, path)
+                s = _session(path, threads, optimized=Path(tmp) / f"l{i}_opt.onnx")
+                feed = {"x": x.astype(np.float32)}
+                off = np.abs(np.round(s.run(None, feed)[0] / sy) - y_code)
+                errors[name].append(f"{off.max():.0f} ({(off > 1).mean():.1%})")
+                if data is typical:
+                    sessions[name], feeds[name] = s, feed
+                    fused[name] = Counter(n.op_type for n in onnx.load(Path(tmp) / f"l{i}_opt.onnx").graph.node)
+        med = _timed(sessions, feeds, repeats)
+    print(f"# onnxruntime {ort.__version__}, Conv 3x3 {c}->{c} on 1x{c}x{size}x{size}, {threads} thread(s), "
+          f"median of {repeats} alternating runs")
+    print("| layout | fused | median ms | speed-up vs FP32 | max error in steps (share > 1 step): typical data | "
+          "full-range codes |")
+    print("|---|---|---|---|---|---|")
+    for name, ms in med.items():
+        typ, rng_ = errors.get(name, ["-", "-"])
+        f = f"{fused[name]['QLinearConv']} QLinearConv" if name in fused else "-"
+        print(f"| {name} | {f} | {ms:.1f} | {med['FP32'] / ms:.2f}x | {typ} | {rng_} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--feat", type=int, default=64)
@@ -43,7 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--bits-w", type=int, default=8, help="weight bits (7: int8 weights, onnxruntime's u8s8 kernels)")
+    ap.add_argument("--layouts", action="store_true", help="one conv in each integer QDQ layout instead of the model")
     args = ap.parse_args(argv)
+    cmd = "python benchmarks/qdq.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"# {cmd.strip()}")
+    if args.layouts:
+        layouts(args.size, args.threads, args.repeats)
+        return
 
     torch.manual_seed(0)
     fp = EDSR(3, 3, num_feat=args.feat, num_block=args.blocks, upscale=args.scale).eval()
@@ -57,17 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                     "qdq8": _session(q_path, args.threads, optimized=tmp / "qdq_opt.onnx")}
         fused = Counter(n.op_type for n in onnx.load(tmp / "qdq_opt.onnx").graph.node)
         feed = {"x": x.numpy()}
-        times: dict[str, list[float]] = {k: [] for k in sessions}
-        for s in sessions.values():  # warm-up
-            s.run(None, feed)
-        for _ in range(args.repeats):
-            for name, s in sessions.items():
-                t0 = time.perf_counter()
-                s.run(None, feed)
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    cmd = "python benchmarks/qdq.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"# {cmd.strip()}")
+        med = _timed(sessions, {k: feed for k in sessions}, args.repeats)
     print(f"# onnxruntime {ort.__version__}, FQSR w{args.bits_w}a8s8 EDSR {args.feat}x{args.blocks} x{args.scale}, "
           f"input 1x3x{args.size}x{args.size}, {args.threads} thread(s), median of {args.repeats}")
     print(f"# fused: {fused['QLinearConv']} QLinearConv, {fused['QLinearAdd']} QLinearAdd, "

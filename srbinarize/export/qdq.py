@@ -11,7 +11,7 @@ What each FQSR piece becomes (zero points are 0, scales are the quantizers' step
   when the input is quantized, an int32 initializer on the grid of input step x weight step (what
   onnxruntime's integer kernels add) and ``DequantizeLinear``;
 
-Why (measured on this machine's CPU, AVX-512 without VNNI): onnxruntime's u8s8 kernels add pairs of
+Why (measured on this machine's CPU, AVX2 without AVX-512 or VNNI): onnxruntime's u8s8 kernels add pairs of
 u8 x s8 products in saturating int16, so full-range 8-bit weights in int8 gave outputs off by many steps;
 codes within [-64, 63] (7-bit weights) cannot saturate. 8-bit weights go to the exact u8u8 kernels,
 which on this CPU are no faster than FP32. onnxruntime does not fuse int8 activations with uint8
