@@ -68,6 +68,9 @@ class TrainSpec:
     l1_weight: float = 1.0
     distill_weight: float = 1.0
     feature_distill_weight: float = 0.0
+    # Share of the budget spent on block-wise reconstruction before end-to-end training (0: no such phase).
+    reconstruct: float = 0.0
+    reconstruct_lr: float = 5e-3
     # Extra losses a recipe declares, name -> weight (e.g. FQSR's {sqcl: 0.3}).
     extra_losses: dict[str, float] = field(default_factory=dict)
 

@@ -19,7 +19,7 @@ from PIL import Image
 from srbinarize.checkpoint import load_model
 from srbinarize.models.spec import ModelSpec
 from srbinarize.models.zoo import save_fp_model
-from srbinarize.train.checkpoints import list_checkpoints
+from srbinarize.train.checkpoints import list_checkpoints, read_extra
 from srbinarize.train.data import DataError
 from srbinarize.train.finetune import FinetuneError, finetune
 from srbinarize.train.losses import LossError
@@ -251,3 +251,26 @@ def test_demo_runs_the_whole_pipeline(setup, tmp_path):
     assert (tmp_path / "demo" / "crops.png").is_file() and (tmp_path / "demo" / "curves.png").is_file()
     train, evaluation = skimage_folders(tmp_path / "photos")  # the fallback without ../shared/data
     assert len(list((train / "HR").glob("*.png"))) == 8 and len(list((evaluation / "HR").glob("*.png"))) == 3
+
+
+def _unit_losses(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["recon_step"], r["unit_loss"]) for r in records if r.get("phase") == "reconstruction"]
+
+
+def test_reconstruction_phase_resumes_from_the_unit_it_was_on(setup):
+    # tiny EDSR: 3 units (body.0, body.1, conv_after_body); 0.5 x 12 steps -> 2 steps per unit, then 6 end-to-end
+    kw = _common(setup, steps=12, val_every=100, save_every=100, reconstruct=0.5)
+    full = finetune(str(setup["model"]), "scales", out=setup["root"] / "recon_full", **kw)
+    assert full.total_steps == 6 and [s for s, _ in _unit_losses(full.run_dir)] == list(range(1, 7))
+    assert "reconstructed" in full.baselines["val"] and (full.run_dir / "reconstructed.safetensors").is_file()
+    part = finetune(str(setup["model"]), "scales", out=setup["root"] / "recon_part", max_steps_this_call=3, **kw)
+    assert part.interrupted and not (part.run_dir / "reconstructed.safetensors").exists()
+    [(_, ckpt)] = list_checkpoints(part.run_dir / "reconstruction")[-1:]
+    assert read_extra(ckpt)[1] == {"unit": 1, "unit_path": "body.1", "unit_step": 1}
+    resumed = finetune(resume=part.run_dir, progress=False)
+    assert resumed.step == 6 and not resumed.interrupted
+    assert _unit_losses(part.run_dir) == _unit_losses(full.run_dir)
+    assert _losses(part.run_dir) == _losses(full.run_dir)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -177,3 +177,12 @@ def load_train_state(
         scheduler.load_state_dict(sched_state)
     set_rng_state(tensors, json.loads(meta["rng"]))
     return int(meta["step"]), json.loads(meta["extra"])
+
+
+def read_extra(ckpt: Path) -> tuple[int, dict[str, Any]]:
+    """The step and the ``extra`` dictionary of a checkpoint folder, without loading any tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "state.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    return int(meta["step"]), json.loads(meta["extra"])

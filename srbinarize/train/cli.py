@@ -74,7 +74,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             arch=args.arch, arch_kwargs=args.arch_kwargs, optimizer=args.optimizer, lr=args.lr,
             weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
             l1_weight=args.l1_weight, distill_weight=0.0 if args.no_distill else args.distill_weight,
-            feature_distill_weight=args.feature_distill_weight, extra_losses=extra,
+            feature_distill_weight=args.feature_distill_weight, extra_losses=extra, reconstruct=args.reconstruct,
+            reconstruct_lr=args.reconstruct_lr,
             recipe_overrides=key_values(args.set, "--set"), seed=args.seed, val_every=args.val_every,
             val_limit=args.val_limit, save_every=args.save_every, workers=args.workers, threads=args.threads,
             device=args.device, progress=not args.quiet,
@@ -89,8 +90,8 @@ def _print_result(result) -> None:
     for name, b in result.baselines.items():
         fin = result.final_val.get(name, {})
         tail = f", finetuned {fin['psnr']:.2f} / {fin['ssim']:.4f}" if fin else ""
-        print(f"  {name}: bicubic {b.get('bicubic', float('nan')):.2f}, FP {b.get('FP teacher', float('nan')):.2f}, "
-              f"converted {b.get('converted', float('nan')):.2f}{tail} (PSNR-Y dB / SSIM-Y)")
+        before = ", ".join(f"{k} {v:.2f}" for k, v in b.items())
+        print(f"  {name}: {before}{tail} (PSNR-Y dB / SSIM-Y)")
 
 
 def add_finetune(sub) -> None:
@@ -120,6 +121,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--distill-weight", type=float)
     p.add_argument("--no-distill", action="store_true", help="distill weight 0 (L1 to HR only)")
     p.add_argument("--feature-distill-weight", type=float)
+    p.add_argument("--reconstruct", type=float, metavar="SHARE",
+                   help="share of the budget for block-wise reconstruction before end-to-end training (0: none)")
+    p.add_argument("--reconstruct-lr", type=float, help="Adam learning rate of the reconstruction phase")
     p.add_argument("--extra-loss", action="append", default=[], metavar="NAME=WEIGHT",
                    help="replace the recipe's extra losses (e.g. sqcl=0.3)")
     p.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -63,6 +64,7 @@ from .checkpoints import (
 from .data import DataError, EvalSet, TrainPatches, patch_loader
 from .losses import FeatureTap, Objective
 from .metrics import SetResult, evaluate_bicubic, evaluate_model, super_resolve
+from .reconstruct import PhaseResult, Unit, reconstruct_unit, reconstruction_units, run_phase
 from .report import plot_curves, save_crops, textured_window
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -97,6 +99,8 @@ class RunConfig:
     distill_weight: float = 1.0
     feature_distill_weight: float = 0.0
     extra_losses: dict[str, float] = field(default_factory=dict)
+    reconstruct: float = 0.0  # share of the budget for block-wise reconstruction (phase 1)
+    reconstruct_lr: float = 5e-3
     seed: int = 0
     val_every: int | None = None
     val_limit: int | None = None
@@ -106,7 +110,8 @@ class RunConfig:
     workers: int | None = None
     threads: int | None = None
     device: str = "cpu"
-    total_steps: int | None = None  # fixed before step 0 (``steps``, or what fits in ``minutes``)
+    reconstruct_steps: int | None = None  # per unit, fixed before the reconstruction phase
+    total_steps: int | None = None  # end-to-end steps, fixed before step 0 (from ``steps`` or ``minutes``)
 
 
 @dataclass
@@ -230,8 +235,9 @@ class RunLog:
         self.echo = echo
         self.metrics = self.metrics_path.open("a")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a killed run may have logged steps its last checkpoint lacks)."""
+    def truncate_after(self, step: int, key: str = "step") -> None:
+        """Drop records whose ``key`` is past ``step`` (a killed run may have logged steps its last checkpoint
+        lacks); records without ``key`` stay."""
         self.metrics.close()
         keep = []
         if self.metrics_path.exists():
@@ -240,7 +246,7 @@ class RunLog:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the half-written last line of a killed run
-                if rec.get("step", 0) <= step:  # a validation at ``step`` ran before that step's checkpoint
+                if rec.get(key, 0) <= step:  # a validation at ``step`` ran before that step's checkpoint
                     keep.append(line)
         _atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
         self.metrics = self.metrics_path.open("a")
@@ -299,6 +305,8 @@ def finetune(
     distill_weight: float | None = None,
     feature_distill_weight: float | None = None,
     extra_losses: dict[str, float] | None = None,
+    reconstruct: float | None = None,
+    reconstruct_lr: float | None = None,
     recipe_overrides: dict[str, Any] | None = None,
     seed: int = 0,
     val_every: int | None = None,
@@ -368,6 +376,8 @@ def finetune(
             feature_distill_weight=(feature_distill_weight if feature_distill_weight is not None
                                     else ts.feature_distill_weight),
             extra_losses=dict(extra_losses if extra_losses is not None else ts.extra_losses),
+            reconstruct=reconstruct if reconstruct is not None else ts.reconstruct,
+            reconstruct_lr=reconstruct_lr if reconstruct_lr is not None else ts.reconstruct_lr,
             seed=seed,
             val_every=val_every,
             val_limit=val_limit,
@@ -382,6 +392,9 @@ def finetune(
             raise FinetuneError(f"unknown optimizer '{cfg.optimizer}'; known: {list(OPTIMIZERS)}")
         if cfg.schedule not in SCHEDULES:
             raise FinetuneError(f"unknown schedule '{cfg.schedule}'; known: {list(SCHEDULES)}")
+        if not 0.0 <= cfg.reconstruct <= 1.0:
+            raise FinetuneError(f"reconstruct is the share of the budget for reconstruction, in [0, 1]; got "
+                                f"{cfg.reconstruct}")
         if cfg.batch < 1 or cfg.patch < 4:
             raise FinetuneError(f"batch must be >= 1 and patch >= 4, got {cfg.batch} and {cfg.patch}")
     if cfg.threads:
@@ -418,11 +431,18 @@ def finetune(
     val_sets = [EvalSet.load(v, cfg.scale, limit=cfg.val_limit) for v in cfg.val]
 
     # ---- student
+    recon_dir, reconstructed = run_dir / "reconstruction", run_dir / "reconstructed.safetensors"
     ckpt = latest_checkpoint(run_dir) if resume is not None else None
+    recon_ckpt = latest_checkpoint(recon_dir) if resume is not None else None
     if resume is not None:
         clean_temporaries(run_dir)
+        clean_temporaries(recon_dir)
     if ckpt is not None:
         student = load_model(ckpt[1] / "model.safetensors")
+    elif resume is not None and reconstructed.is_file():
+        student = load_model(reconstructed)
+    elif recon_ckpt is not None:
+        student = load_model(recon_ckpt[1] / "model.safetensors")
     elif resume is not None and (run_dir / "converted.safetensors").is_file():
         student = load_model(run_dir / "converted.safetensors")
     else:
@@ -477,23 +497,43 @@ def finetune(
         log.truncate_after(start_step)
         log.say(f"resumed from {ckpt[1].name} at step {start_step}/{cfg.total_steps}")
     else:
-        log.truncate_after(0)
-        t_val = time.time()
-        for es in val_sets:
-            r = evaluate_model(student, es, device_t, ssim=False)
-            baselines[es.name]["converted"] = r.psnr
-        t_val = time.time() - t_val
+        baselines_file = run_dir / "baselines.json"
+        if recon_ckpt is None and not reconstructed.is_file():  # a fresh start
+            log.truncate_after(0)
+            t_val = time.time()
+            for es in val_sets:
+                baselines[es.name]["converted"] = evaluate_model(student, es, device_t, ssim=False).psnr
+            t_val = time.time() - t_val
+            _atomic_write_text(baselines_file, json.dumps({"baselines": baselines, "t_val": t_val}))
+        else:
+            stored = json.loads(baselines_file.read_text())
+            baselines, t_val = stored["baselines"], stored["t_val"]
+        if cfg.reconstruct and not reconstructed.is_file():
+            phase = _reconstruction_phase(cfg, run_dir, student, teacher, spec, dataset, val_sets, baselines, t_val,
+                                          t_start, log, progress, max_steps_this_call)
+            if phase is not None and not phase.finished:
+                log.say(f"reconstruction stopped; continue with: srbinarize finetune --resume {run_dir}")
+                log.close()
+                return FinetuneResult(run_dir, student.eval(), 0, cfg.total_steps or 0, True, None, baselines, {},
+                                      time.time() - t_start)
+            if max_steps_this_call is not None and phase is not None:
+                max_steps_this_call -= phase.steps_this_call
+            _atomic_write_text(baselines_file, json.dumps({"baselines": baselines, "t_val": t_val}))
         if cfg.total_steps is None:
             if cfg.steps is not None:
-                cfg.total_steps = cfg.steps
+                cfg.total_steps = cfg.steps - _reconstruction_steps(student, cfg)
+            elif cfg.reconstruct >= 1.0:
+                cfg.total_steps = 0
             else:
-                cfg.total_steps = _steps_for_budget(cfg, student, teacher, objective, dataset, device_t, t_start,
-                                                    t_val, val_sets, log)
+                # a resumed run does not know how long its first call took: the end-to-end share of the budget
+                end = (t_start + cfg.minutes * 60 if resume is None
+                       else time.time() + (1 - cfg.reconstruct) * cfg.minutes * 60)
+                cfg.total_steps = _steps_for_budget(cfg, student, teacher, objective, dataset, device_t, end,
+                                                    t_val, log)
         _atomic_write_text(run_dir / CONFIG_FILE, json.dumps(asdict(cfg), indent=1))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _Schedule(cfg.total_steps, cfg.schedule, cfg.warmup_steps))
         for name, b in baselines.items():
-            log.say(f"{name}: bicubic {b['bicubic']:.2f} dB, FP teacher {b['FP teacher']:.2f}, "
-                    f"converted {b['converted']:.2f} (PSNR-Y)")
+            log.say(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in b.items()) + " (PSNR-Y dB)")
     total = cfg.total_steps
     val_every = cfg.val_every or max(1, total // 5)
     log.say(f"training {total} steps (batch {cfg.batch}, LR patch {cfg.patch}), {cfg.optimizer} lr {cfg.lr:g} "
@@ -601,8 +641,8 @@ def finetune(
         for tap in taps:
             if tap is not None:
                 tap.close()
-    if out_of_time and step > start_step and last_val != step:
-        final_val = validate(step)
+    if (out_of_time and step > start_step and last_val != step) or (total == 0 and not interrupted):
+        final_val = validate(step)  # the last model, also when reconstruction took the whole budget
     if step > start_step or interrupted:
         save(step)
     if step == total or out_of_time:
@@ -629,8 +669,9 @@ def _read_spec(path: Path) -> ModelSpec:
     return ModelSpec.from_json(read_metadata(path)["model"])
 
 
-def _steps_for_budget(cfg: RunConfig, student, teacher, objective, dataset, device, t_start, t_val, val_sets, log):
-    """How many steps fit in ``cfg.minutes``: time 3 steps on a copy (the student is not touched)."""
+def _steps_for_budget(cfg: RunConfig, student, teacher, objective, dataset, device, end: float, t_val: float,
+                      log: RunLog) -> int:
+    """How many steps fit before the time ``end``: time 3 steps on a copy (the student is not touched)."""
     probe = copy.deepcopy(student).train()
     probe_opt = build_optimizer([p for p in probe.parameters() if p.requires_grad], cfg.optimizer, 0.0, 0.0)
     x, y = (torch.stack(t) for t in zip(*[dataset[2**40 + i] for i in range(cfg.batch)], strict=True))
@@ -651,9 +692,116 @@ def _steps_for_budget(cfg: RunConfig, student, teacher, objective, dataset, devi
     del probe, probe_opt
     per_step = min(times[1:]) * 1.1 + 0.002 * cfg.batch  # + data loading, which the workers mostly hide
     n_val = 6  # about 5 periodic validations and the final one, with SSIM (about 1.3x the timed PSNR pass)
-    left = cfg.minutes * 60 - (time.time() - t_start) - 1.3 * n_val * t_val - 5.0
+    left = end - time.time() - 1.3 * n_val * t_val - 5.0
     steps = max(1, int(left / per_step))
-    log.say(f"budget {cfg.minutes} min: {per_step:.3f} s/step measured, validation {t_val:.1f} s -> {steps} steps")
+    log.say(f"{left / 60:.1f} min left: {per_step:.3f} s/step measured, validation {t_val:.1f} s -> {steps} steps")
+    return steps
+
+
+RECONSTRUCTION_POOL = 32  # LR batches whose unit inputs and teacher targets each unit trains on
+
+
+def _reconstruction_steps(student: nn.Module, cfg: RunConfig) -> int:
+    """Optimizer steps of the reconstruction phase in all (0 without one)."""
+    return len(reconstruction_units(student)) * (cfg.reconstruct_steps or 0) if cfg.reconstruct else 0
+
+
+def _reconstruction_phase(cfg: RunConfig, run_dir: Path, student, teacher, spec: ModelSpec, dataset: TrainPatches,
+                          val_sets: list[EvalSet], baselines: dict[str, dict[str, float]], t_val: float,
+                          t_start: float, log: RunLog, progress: bool, max_steps: int | None) -> PhaseResult | None:
+    """Phase 1: block-wise reconstruction of the body units (`srbinarize.train.reconstruct`), resumable.
+
+    Fixes ``cfg.reconstruct_steps`` (per unit) on a fresh start: ``reconstruct`` x ``steps`` shared by the
+    units, or what fits in ``reconstruct`` x ``minutes``. When the phase ends it writes
+    ``reconstructed.safetensors`` and adds the "reconstructed" validation figures to ``baselines``.
+    """
+    units = reconstruction_units(student)
+    if not units:
+        log.say("reconstruction: the model has no traced body units; skipping the phase")
+        return None
+    device = next(student.parameters()).device
+    loader = patch_loader(dataset, cfg.batch, start_step=2**32 // cfg.batch, workers=0)
+    pool = [next(loader)[0].to(device) for _ in range(RECONSTRUCTION_POOL)]
+    if cfg.reconstruct_steps is None:
+        if cfg.steps is not None:
+            cfg.reconstruct_steps = max(1, round(cfg.reconstruct * cfg.steps / len(units)))
+        else:
+            cfg.reconstruct_steps = _reconstruction_steps_for_budget(cfg, student, teacher, units, pool, t_start,
+                                                                     t_val, log)
+        _atomic_write_text(run_dir / CONFIG_FILE, json.dumps(asdict(cfg), indent=1))
+    steps = cfg.reconstruct_steps
+    ckpt = latest_checkpoint(run_dir / "reconstruction")
+    log.truncate_after(ckpt[0] if ckpt else 0, key="recon_step")
+    log.say(f"reconstruction: {len(units)} units ({', '.join(u.path for u in units)}), {steps} Adam steps each, "
+            f"lr {cfg.reconstruct_lr:g}, pool of {len(pool)} batches")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(units) * steps, unit="it", desc="reconstruction", dynamic_ncols=True, file=sys.stderr)
+    index = {u.path: i for i, u in enumerate(units)}
+
+    def on_step(unit: Unit, step: int, loss: float) -> None:
+        position = index[unit.path] * steps + step + 1
+        log.record({"phase": "reconstruction", "recon_step": position, "unit": unit.path, "unit_loss": loss})
+        if bar is not None:
+            bar.n = position
+            bar.set_postfix(unit=unit.path, loss=f"{loss:.4f}", refresh=False)
+            bar.refresh()
+
+    with _Stop() as stop:
+        def should_stop(done: int) -> bool:
+            return stop.requested is not None or (max_steps is not None and done >= max_steps)
+
+        phase = run_phase(student, teacher, pool, steps, cfg.reconstruct_lr, run_dir / "reconstruction", spec,
+                          save_every=cfg.save_every, save_seconds=cfg.save_seconds, should_stop=should_stop,
+                          on_step=on_step)
+    if bar is not None:
+        bar.close()
+    for r in phase.units:
+        log.say(f"reconstruction {r.unit.path}: relative MSE {r.first_loss:.4f} -> {r.last_loss:.4f}")
+    if phase.finished:
+        save_model(student, run_dir / "reconstructed.safetensors", spec, extra={"role": "reconstructed"})
+        student.train()
+        for es in val_sets:
+            baselines[es.name]["reconstructed"] = _eval_psnr(student, es)
+            log.say(f"{es.name}: reconstructed {baselines[es.name]['reconstructed']:.2f} dB (PSNR-Y)")
+    return phase
+
+
+def _eval_psnr(model: nn.Module, es: EvalSet) -> float:
+    was = model.training
+    model.eval()
+    try:
+        return evaluate_model(model, es, next(model.parameters()).device, ssim=False).psnr
+    finally:
+        model.train(was)
+
+
+def _reconstruction_steps_for_budget(cfg: RunConfig, student, teacher, units: list[Unit], pool, t_start: float,
+                                     t_val: float, log: RunLog) -> int:
+    """Steps per unit that fit in ``reconstruct`` x ``minutes``: times unit steps and teacher/student passes."""
+    probe = copy.deepcopy(student)
+    t0 = time.time()
+    with torch.no_grad():
+        teacher(pool[0])
+        probe(pool[0])
+    per_pass = time.time() - t0  # both networks on one batch: what preparing a unit costs per pool batch
+    times: list[float] = []
+
+    def timed(*_args) -> bool:
+        times.append(time.time())
+        return len(times) >= 5
+
+    reconstruct_unit(probe, teacher, units[len(units) // 2], pool[:1], 5, 0.0, on_step=timed)
+    per_step = min(b - a for a, b in itertools.pairwise(times)) * 1.1
+    del probe
+    left = cfg.minutes * 60 - (time.time() - t_start)
+    # Preparing a unit runs both networks on the pool up to the unit: about half a pass of each on average.
+    preparing = 0.6 * per_pass * len(pool) * len(units)
+    steps = max(1, int((cfg.reconstruct * left - t_val - preparing) / (len(units) * per_step)))
+    log.say(f"reconstruction: {cfg.reconstruct:g} of {left / 60:.1f} min left, {per_step:.3f} s per unit step, "
+            f"{preparing:.0f} s to prepare the units -> {steps} steps per unit")
     return steps
 
 

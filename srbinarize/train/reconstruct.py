@@ -9,27 +9,32 @@ parameter frozen:
 
     loss_k = || U_k^student(x_k^student) - U_k^teacher(x_k^teacher) ||^2 / mean(U_k^teacher(.)^2)
 
-Both networks run only as far as unit ``k`` (an `fx.Interpreter` stops the student at the unit's output
-node, a hook stops the teacher). The teacher's outputs for a fixed pool of batches are computed once per
-unit and cached (bounded by ``cache_mb``); the teacher is never modified.
+The unit is cut out of the student's graph as a GraphModule of its own (sharing the student's modules),
+so a step runs that unit only. For a pool of LR batches, the student's unit inputs (the units before it
+are frozen by then) and the teacher's unit outputs are computed once per unit, as many as fit in
+``cache_mb``; the teacher is never modified.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from ..convert import conversion_info
+from ..models.spec import ModelSpec
+from .checkpoints import latest_checkpoint, load_train_state, prune, read_extra, save_checkpoint
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class _Reached(Exception):
-    def __init__(self, value: torch.Tensor):
+    def __init__(self, value):
         super().__init__()
         self.value = value
 
@@ -39,8 +44,13 @@ class Unit:
     """A block of the student optimized as a whole."""
 
     path: str  # module path, the same in student and teacher
-    output_node: str  # the student graph node that produces the unit's output
+    nodes: tuple[str, ...]  # the student graph nodes inside the block, in graph order
+    inputs: tuple[str, ...]  # the nodes outside the block whose values it reads
     layers: tuple[str, ...]  # converted layers inside it
+
+    @property
+    def output_node(self) -> str:
+        return self.nodes[-1]
 
     def owns(self, name: str) -> bool:
         return name == self.path or name.startswith(self.path + ".")
@@ -61,9 +71,12 @@ def reconstruction_units(student: nn.Module) -> list[Unit]:
         units.setdefault(_unit_path(node, name), []).append(name)
     out = []
     for path, layers in units.items():
-        last = max((i for i, n in enumerate(nodes) if _in_module(n, path)), default=None)
-        if last is not None:
-            out.append(Unit(path, nodes[last].name, tuple(layers)))
+        inside = [n for n in nodes if _in_module(n, path)]
+        if not inside:
+            continue
+        names = {n.name for n in inside}
+        inputs = dict.fromkeys(a.name for n in inside for a in n.all_input_nodes if a.name not in names)
+        out.append(Unit(path, tuple(n.name for n in inside), tuple(inputs), tuple(layers)))
     order = {n.name: i for i, n in enumerate(nodes)}
     return sorted(out, key=lambda u: order[u.output_node])
 
@@ -81,27 +94,50 @@ def _in_module(node: fx.Node, path: str) -> bool:
     return any(p == path for p, _ in stack) or (node.op == "call_module" and str(node.target).startswith(path + "."))
 
 
-class _RunTo(fx.Interpreter):
-    """Runs a GraphModule node by node and stops with the value of one node."""
+def unit_module(student: fx.GraphModule, unit: Unit) -> fx.GraphModule:
+    """The unit cut out of the student's graph: inputs ``unit.inputs``, output the unit's output.
 
-    def __init__(self, gm: fx.GraphModule, stop: str):
+    It shares the student's modules and parameters, so training it trains the student.
+    """
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {name: graph.placeholder(name) for name in unit.inputs}
+    by_name = {n.name: n for n in student.graph.nodes}
+    for name in unit.nodes:
+        env[name] = graph.node_copy(by_name[name], lambda a: env[a.name])
+    graph.output(env[unit.output_node])
+    return fx.GraphModule(student, graph)
+
+
+class _Capture(fx.Interpreter):
+    """Runs a GraphModule until the values of ``names`` are known and returns them (in that order)."""
+
+    def __init__(self, gm: fx.GraphModule, names: Sequence[str]):
         super().__init__(gm)
-        self.stop = stop
+        self.names = list(names)
+        self.found: dict[str, object] = {}
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
-        if n.name == self.stop:
-            raise _Reached(value)
+        if n.name in self.names:
+            self.found[n.name] = value
+            if len(self.found) == len(self.names):
+                raise _Reached([self.found[name] for name in self.names])
         return value
+
+
+@torch.no_grad()
+def unit_inputs(student: fx.GraphModule, unit: Unit, x: torch.Tensor) -> list[torch.Tensor]:
+    """The values the unit reads when the student runs on image ``x`` (computes no further)."""
+    try:
+        _Capture(student, unit.inputs).run(x)
+    except _Reached as reached:
+        return reached.value
+    raise RuntimeError(f"the inputs {unit.inputs} of unit {unit.path} were not reached")
 
 
 def student_output(student: fx.GraphModule, unit: Unit, x: torch.Tensor) -> torch.Tensor:
     """The student's output of ``unit`` on input image ``x`` (runs no further than the unit)."""
-    try:
-        _RunTo(student, unit.output_node).run(x)
-    except _Reached as reached:
-        return reached.value
-    raise RuntimeError(f"node {unit.output_node} was not reached")
+    return unit_module(student, unit)(*unit_inputs(student, unit, x))
 
 
 @torch.no_grad()
@@ -127,64 +163,151 @@ class UnitResult:
     steps: int
     first_loss: float
     last_loss: float
+    stopped: bool = False  # ``on_step`` asked to stop before the last step
+
+
+# on_step(step, loss, optimizer, schedule) after each step (0-based step); returning True stops the unit.
+StepCallback = Callable[[int, float, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], bool]
+# restore(optimizer, schedule) -> the step to continue from (resuming a unit)
+Restore = Callable[[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], int]
+
+
+def _cosine(steps: int) -> Callable[[int], float]:
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
 
 
 def reconstruct_unit(
     student: fx.GraphModule,
     teacher: nn.Module,
     unit: Unit,
-    batches: Iterator[torch.Tensor],
+    pool: Sequence[torch.Tensor],
     steps: int,
-    lr: float = 5e-4,
-    pool: int = 16,
+    lr: float = 5e-3,
     cache_mb: float = 1024,
-    start_step: int = 0,
-    optimizer_state: dict | None = None,
-    on_step: Callable[[int, float, Callable[[], dict]], None] | None = None,
+    restore: Restore | None = None,
+    on_step: StepCallback | None = None,
 ) -> UnitResult:
-    """Optimize the parameters under ``unit.path`` for ``steps`` steps; every other parameter is frozen.
+    """Optimize the parameters under ``unit.path`` for ``steps`` Adam steps (cosine schedule).
 
-    ``batches`` yields LR images; the first ``pool`` of them are reused cyclically, with the teacher's
-    outputs cached while they fit in ``cache_mb``. ``start_step`` / ``optimizer_state`` resume a unit;
-    ``on_step(step, loss, state)`` is called after every step (progress, checkpoints); ``state()`` returns
-    the ``optimizer_state`` that resumes the unit after that step.
+    ``pool`` holds LR batches, used cyclically; their unit inputs and teacher targets are computed once,
+    for as many batches as fit in ``cache_mb`` (at least one). Every other parameter is frozen during the
+    call. ``restore`` resumes a unit (it loads the optimizer and schedule and returns the step to go on
+    from); ``on_step`` is called after each step (progress, checkpoints) and may stop the unit.
     """
-    params = [p for name, p in student.named_parameters() if unit.owns(name)]
-    frozen = {name: p.requires_grad for name, p in student.named_parameters()}
+    params = [p for name, p in student.named_parameters() if unit.owns(name) and p.requires_grad]
+    trainable = {name: p.requires_grad for name, p in student.named_parameters()}
     for name, p in student.named_parameters():
-        p.requires_grad_(unit.owns(name) and frozen[name])
-    optimizer = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
-    )
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        schedule.load_state_dict(optimizer_state["schedule"])
-    inputs = [next(batches) for _ in range(pool)]
-    cache: dict[int, torch.Tensor] = {}
-    cached_bytes = 0.0
+        p.requires_grad_(unit.owns(name) and trainable[name])
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps))
+    start = restore(optimizer, schedule) if restore is not None else 0
     first = last = float("nan")
+    stopped = False
     student.train()
     try:
-        for step in range(start_step, steps):
-            i = step % pool
-            target = cache.get(i)
-            if target is None:
-                target = teacher_output(teacher, unit, inputs[i])
-                if cached_bytes + target.numel() * target.element_size() <= cache_mb * 2**20:
-                    cache[i] = target
-                    cached_bytes += target.numel() * target.element_size()
-            out = student_output(student, unit, inputs[i])
+        examples = _examples(student, teacher, unit, pool, cache_mb)
+        module = unit_module(student, unit)
+        for step in range(start, steps):
+            inputs, target = examples[step % len(examples)]
+            out = module(*inputs)
             loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             last = loss.item()
-            first = last if step == start_step else first
-            if on_step is not None:
-                on_step(step, last, lambda: {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+            first = last if step == start else first
+            if on_step is not None and on_step(step, last, optimizer, schedule) and step + 1 < steps:
+                stopped = True
+                break
     finally:
         for name, p in student.named_parameters():
-            p.requires_grad_(frozen[name])
-    return UnitResult(unit, steps, first, last)
+            p.requires_grad_(trainable[name])
+    return UnitResult(unit, steps, first, last, stopped)
+
+
+def _examples(student, teacher, unit: Unit, pool: Sequence[torch.Tensor], cache_mb: float):
+    """(student unit inputs, teacher unit output) for the pool's batches, as many as fit in ``cache_mb``."""
+    examples = []
+    used = 0.0
+    for x in pool:
+        inputs = unit_inputs(student, unit, x)
+        target = teacher_output(teacher, unit, x)
+        size = sum(t.numel() * t.element_size() for t in [*inputs, target] if isinstance(t, torch.Tensor))
+        if examples and used + size > cache_mb * 2**20:
+            break
+        examples.append((inputs, target))
+        used += size
+    return examples
+
+
+@dataclass
+class PhaseResult:
+    units: list[UnitResult]
+    finished: bool  # every unit reconstructed (False: stopped, resumable from ``checkpoint_dir``)
+    steps_this_call: int
+
+
+def run_phase(
+    student: fx.GraphModule,
+    teacher: nn.Module,
+    pool: Sequence[torch.Tensor],
+    steps: int,
+    lr: float,
+    checkpoint_dir: Path,
+    spec: ModelSpec,
+    *,
+    save_every: int = 500,
+    save_seconds: float = 120.0,
+    should_stop: Callable[[int], bool] = lambda _steps_this_call: False,
+    on_step: Callable[[Unit, int, float], None] | None = None,
+    cache_mb: float = 1024,
+) -> PhaseResult:
+    """Reconstruct every unit in dataflow order, ``steps`` steps each, resumable at any step.
+
+    Checkpoints go to ``checkpoint_dir`` (the student, the unit's optimizer and schedule, and the position)
+    every ``save_every`` steps, every ``save_seconds``, at the end of each unit and when ``should_stop``
+    (called with the steps run in this call) says so. If ``checkpoint_dir`` holds a checkpoint, the student
+    is expected to carry its weights already; the phase goes on from the unit and step it records.
+    """
+    units = reconstruction_units(student)
+    start_unit, restore = 0, None
+    ckpt = latest_checkpoint(checkpoint_dir)
+    if ckpt is not None:
+        _, extra = read_extra(ckpt[1])
+        start_unit = extra["unit"] + (extra["unit_step"] == steps)
+        if extra["unit_step"] < steps:
+            restore = _restorer(ckpt[1])
+    results: list[UnitResult] = []
+    done = 0
+    last_save = time.time()
+    for k in range(start_unit, len(units)):
+        unit = units[k]
+
+        def after_step(step: int, loss: float, optimizer, schedule, k=k, unit=unit) -> bool:
+            nonlocal done, last_save
+            done += 1
+            if on_step is not None:
+                on_step(unit, step, loss)
+            stop = should_stop(done)
+            if stop or step + 1 == steps or (step + 1) % save_every == 0 or time.time() - last_save > save_seconds:
+                save_checkpoint(checkpoint_dir, k * steps + step + 1, student, spec, optimizer, schedule,
+                                {"unit": k, "unit_path": unit.path, "unit_step": step + 1})
+                prune(checkpoint_dir, 2)
+                last_save = time.time()
+            return stop
+
+        result = reconstruct_unit(student, teacher, unit, pool, steps, lr, cache_mb, restore, after_step)
+        restore = None
+        results.append(result)
+        if result.stopped or (should_stop(done) and k + 1 < len(units)):
+            return PhaseResult(results, False, done)
+    return PhaseResult(results, True, done)
+
+
+def _restorer(ckpt: Path) -> Restore:
+    def restore(optimizer, schedule) -> int:
+        _, extra = load_train_state(ckpt, optimizer, schedule)
+        return extra["unit_step"]
+
+    return restore
