@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import edsr, rcan
 
@@ -34,12 +35,26 @@ def test_student_and_teacher_unit_outputs_agree_when_nothing_is_binarized():
             torch.testing.assert_close(student_output(same, unit, x), teacher_output(fp, unit, x))
 
 
-def test_one_unit_changes_only_itself_and_never_the_teacher():
+def swinir() -> torch.nn.Module:
+    from basicsr.archs.swinir_arch import SwinIR
+
+    return SwinIR(upscale=2, img_size=16, window_size=4, img_range=1.0, depths=[2, 2], embed_dim=24,
+                  num_heads=[2, 2], mlp_ratio=2, upsampler="pixelshuffle")
+
+
+def test_swinir_units_are_its_residual_groups():
+    units = reconstruction_units(srbinarize.convert(swinir().eval()))
+    assert [u.path for u in units] == ["layers.0", "layers.1", "conv_after_body"]
+    assert len(units[0].layers) == 9  # 2 blocks x (qkv, proj, fc1, fc2) + the group's closing conv
+
+
+@pytest.mark.parametrize(("build", "index"), [(lambda: edsr(num_block=2), 1), (swinir, 0)], ids=["edsr", "swinir"])
+def test_one_unit_changes_only_itself_and_never_the_teacher(build, index):
     torch.manual_seed(0)
-    teacher = edsr(num_block=2).eval()
+    teacher = build().eval()
     teacher_before = copy.deepcopy(teacher.state_dict())
     student = srbinarize.convert(teacher)
-    unit = reconstruction_units(student)[1]
+    unit = reconstruction_units(student)[index]
     before = {k: v.clone() for k, v in student.state_dict().items()}
     x = _batches(1, seed=1)[0]
     with torch.no_grad():

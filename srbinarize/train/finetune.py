@@ -10,15 +10,20 @@ What a run does (``<run>`` is the output folder):
    evaluated without the original file;
 2. converts it with the recipe, calibrated on LR patches of the training data, and writes
    ``<run>/converted.safetensors`` (the converted-before-finetune model);
-3. trains the converted student: L1 to HR + L1 to the teacher's output (+ optional body-feature
+3. if ``reconstruct`` > 0, first spends that share of the budget on block-wise reconstruction (each body
+   unit trained alone to reproduce its FP counterpart; `srbinarize.train.reconstruct`), writing
+   ``<run>/reconstructed.safetensors`` and checkpoints under ``<run>/reconstruction/`` (a killed run
+   resumes from the unit and step it was on); with a ``steps`` budget, ``reconstruct`` x ``steps`` unit
+   steps are shared by the units and the rest are end-to-end steps;
+4. trains the converted student end to end: L1 to HR + L1 to the teacher's output (+ optional body-feature
    distillation, + the recipe's extra losses; see `srbinarize.train.losses`), optimizer and schedule from
    the recipe's ``train`` section unless overridden, for ``steps`` optimizer steps or ``minutes`` of wall
    time (the step count that fits is measured before step 0 and checked once after a few real steps, when
    other jobs may have slowed the machine; it is stored with the run, so a resumed run follows the same
    schedule);
-4. validates every ``val_every`` steps (PSNR/SSIM-Y on the ``val`` sets), keeps ``<run>/best.safetensors``
+5. validates every ``val_every`` steps (PSNR/SSIM-Y on the ``val`` sets), keeps ``<run>/best.safetensors``
    (best mean validation PSNR-Y) and writes ``<run>/final.safetensors`` at the end;
-5. writes ``train.log``, ``metrics.jsonl`` (one line per step, one per validation), ``curves.png``,
+6. writes ``train.log``, ``metrics.jsonl`` (one line per step, one per validation), ``curves.png``,
    ``crops.png`` (bicubic | FP | binary | HR) and ``summary.json``.
 
 Checkpoints (`srbinarize.train.checkpoints`) are written atomically every ``save_every`` steps and at
@@ -762,20 +767,10 @@ def _reconstruction_phase(cfg: RunConfig, run_dir: Path, student, teacher, spec:
         log.say(f"reconstruction {r.unit.path}: relative MSE {r.first_loss:.4f} -> {r.last_loss:.4f}")
     if phase.finished:
         save_model(student, run_dir / "reconstructed.safetensors", spec, extra={"role": "reconstructed"})
-        student.train()
         for es in val_sets:
-            baselines[es.name]["reconstructed"] = _eval_psnr(student, es)
+            baselines[es.name]["reconstructed"] = evaluate_model(student, es, device, ssim=False).psnr
             log.say(f"{es.name}: reconstructed {baselines[es.name]['reconstructed']:.2f} dB (PSNR-Y)")
     return phase
-
-
-def _eval_psnr(model: nn.Module, es: EvalSet) -> float:
-    was = model.training
-    model.eval()
-    try:
-        return evaluate_model(model, es, next(model.parameters()).device, ssim=False).psnr
-    finally:
-        model.train(was)
 
 
 def _reconstruction_steps_for_budget(cfg: RunConfig, student, teacher, units: list[Unit], pool, t_start: float,
