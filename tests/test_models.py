@@ -171,3 +171,19 @@ def test_the_zoo_edsr_is_shipped_with_its_record():
         info4 = zoo_info("zoo:edsr-x4")
         assert model_scale(model4) == 4
         assert info4["results"]["Set5"]["psnr_y"] > info4["results"]["Set5"]["bicubic_psnr_y"]
+
+
+@pytest.mark.skipif("swinir-x2" not in zoo_names(), reason="zoo model not built yet")
+def test_the_zoo_swinir_is_shipped_with_its_record_and_converts():
+    import srbinarize
+    from srbinarize.layers import ScalesLinear
+
+    model, spec = load_pretrained("zoo:swinir-x2")
+    assert spec.target == "basicsr.archs.swinir_arch:SwinIR" and model_scale(model) == 2
+    info = zoo_info("zoo:swinir-x2")
+    assert info["scale"] == 2 and info["results"]["Set5"]["psnr_y"] > info["results"]["Set5"]["bicubic_psnr_y"] + 1
+    binary = srbinarize.convert(model, "scales")
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert n_linear > 0 and sum(isinstance(m, ScalesLinear) for m in binary.modules()) == n_linear
+    with torch.no_grad():  # a size other than the traced one (multiples of the window, 8)
+        assert binary.eval()(torch.rand(1, 3, 24, 40)).shape == (1, 3, 48, 80)
