@@ -9,7 +9,7 @@ import torch
 from conftest import edsr, rcan
 
 import srbinarize
-from srbinarize.train.reconstruct import reconstruct_unit, reconstruction_units, student_output, teacher_output
+from srbinarize.train.reconstruct import _examples, reconstruct_unit, reconstruction_units, student_output, teacher_output
 
 
 def _batches(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -70,3 +70,17 @@ def test_one_unit_changes_only_itself_and_never_the_teacher(build, index):
     with torch.no_grad():
         err_after = (student_output(student, unit, x) - teacher_output(teacher, unit, x)).pow(2).mean()
     assert err_after < err_before and result.last_loss < result.first_loss
+
+
+def test_chained_unit_inputs_equal_those_of_a_full_pass():
+    torch.manual_seed(0)
+    teacher = edsr(num_block=3).eval()
+    student = srbinarize.convert(teacher)
+    first, second = reconstruction_units(student)[:2]
+    pool = _batches(2)
+    done = reconstruct_unit(student, teacher, first, pool, steps=3, lr=2e-3)
+    chained = _examples(student, teacher, second, pool, 1024, previous=done)
+    direct = _examples(student, teacher, second, pool, 1024, previous=None)
+    for (a_in, a_out), (b_in, b_out) in zip(chained, direct, strict=True):
+        torch.testing.assert_close(a_in, b_in)
+        torch.testing.assert_close(a_out, b_out)

@@ -777,11 +777,12 @@ def _reconstruction_steps_for_budget(cfg: RunConfig, student, teacher, units: li
                                      t_val: float, log: RunLog) -> int:
     """Steps per unit that fit in ``reconstruct`` x ``minutes``: times unit steps and teacher/student passes."""
     probe = copy.deepcopy(student)
-    t0 = time.time()
     with torch.no_grad():
+        probe(pool[0])  # warm-up
+        t0 = time.time()
         teacher(pool[0])
         probe(pool[0])
-    per_pass = time.time() - t0  # both networks on one batch: what preparing a unit costs per pool batch
+    per_pass = time.time() - t0  # both networks on one batch
     times: list[float] = []
 
     def timed(*_args) -> bool:
@@ -792,8 +793,9 @@ def _reconstruction_steps_for_budget(cfg: RunConfig, student, teacher, units: li
     per_step = min(b - a for a, b in itertools.pairwise(times)) * 1.1
     del probe
     left = cfg.minutes * 60 - (time.time() - t_start)
-    # Preparing a unit runs both networks on the pool up to the unit: about half a pass of each on average.
-    preparing = 0.6 * per_pass * len(pool) * len(units)
+    # Preparing the units runs each unit of both networks once per pool batch (the units after the first
+    # start from the previous unit's outputs): about one pass of both, plus slack for other graph shapes.
+    preparing = 2 * per_pass * len(pool)
     steps = max(1, int((cfg.reconstruct * left - t_val - preparing) / (len(units) * per_step)))
     log.say(f"reconstruction: {cfg.reconstruct:g} of {left / 60:.1f} min left, {per_step:.3f} s per unit step, "
             f"{preparing:.0f} s to prepare the units -> {steps} steps per unit")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -164,6 +164,8 @@ class UnitResult:
     first_loss: float
     last_loss: float
     stopped: bool = False  # ``on_step`` asked to stop before the last step
+    # (student unit inputs, teacher unit output) of the pool's batches, for chaining into the next unit
+    examples: list[tuple[list, torch.Tensor]] = field(default_factory=list, repr=False)
 
 
 # on_step(step, loss, optimizer, schedule) after each step (0-based step); returning True stops the unit.
@@ -186,13 +188,16 @@ def reconstruct_unit(
     cache_mb: float = 1024,
     restore: Restore | None = None,
     on_step: StepCallback | None = None,
+    previous: UnitResult | None = None,
 ) -> UnitResult:
     """Optimize the parameters under ``unit.path`` for ``steps`` Adam steps (cosine schedule).
 
-    ``pool`` holds LR batches, used cyclically; their unit inputs and teacher targets are computed once,
-    for as many batches as fit in ``cache_mb`` (at least one). Every other parameter is frozen during the
-    call. ``restore`` resumes a unit (it loads the optimizer and schedule and returns the step to go on
-    from); ``on_step`` is called after each step (progress, checkpoints) and may stop the unit.
+    The first ``steps`` batches of ``pool`` (LR images) are used cyclically; their unit inputs and teacher
+    targets are computed once, for as many batches as fit in ``cache_mb`` (at least one). When the unit
+    reads only the output of the ``previous`` unit, they come from that unit's examples (one pass of each
+    unit, not of the network before it). Every other parameter is frozen during the call. ``restore``
+    resumes a unit (it loads the optimizer and schedule and returns the step to go on from); ``on_step`` is
+    called after each step (progress, checkpoints) and may stop the unit.
     """
     params = [p for name, p in student.named_parameters() if unit.owns(name) and p.requires_grad]
     trainable = {name: p.requires_grad for name, p in student.named_parameters()}
@@ -205,7 +210,7 @@ def reconstruct_unit(
     stopped = False
     student.train()
     try:
-        examples = _examples(student, teacher, unit, pool, cache_mb)
+        examples = _examples(student, teacher, unit, pool[:steps], cache_mb, previous)
         module = unit_module(student, unit)
         for step in range(start, steps):
             inputs, target = examples[step % len(examples)]
@@ -223,16 +228,25 @@ def reconstruct_unit(
     finally:
         for name, p in student.named_parameters():
             p.requires_grad_(trainable[name])
-    return UnitResult(unit, steps, first, last, stopped)
+    return UnitResult(unit, steps, first, last, stopped, examples)
 
 
-def _examples(student, teacher, unit: Unit, pool: Sequence[torch.Tensor], cache_mb: float):
+@torch.no_grad()
+def _examples(student, teacher, unit: Unit, pool: Sequence[torch.Tensor], cache_mb: float,
+              previous: UnitResult | None) -> list[tuple[list, torch.Tensor]]:
     """(student unit inputs, teacher unit output) for the pool's batches, as many as fit in ``cache_mb``."""
+    chained = previous.examples if previous is not None and unit.inputs == (previous.unit.output_node,) else []
+    if chained:
+        student_before, teacher_block = unit_module(student, previous.unit), teacher.get_submodule(unit.path)
     examples = []
     used = 0.0
-    for x in pool:
-        inputs = unit_inputs(student, unit, x)
-        target = teacher_output(teacher, unit, x)
+    for i, x in enumerate(pool):
+        if i < len(chained):
+            inputs = [student_before(*chained[i][0])]
+            target = teacher_block(chained[i][1])
+        else:
+            inputs = unit_inputs(student, unit, x)
+            target = teacher_output(teacher, unit, x)
         size = sum(t.numel() * t.element_size() for t in [*inputs, target] if isinstance(t, torch.Tensor))
         if examples and used + size > cache_mb * 2**20:
             break
@@ -297,8 +311,11 @@ def run_phase(
                 last_save = time.time()
             return stop
 
-        result = reconstruct_unit(student, teacher, unit, pool, steps, lr, cache_mb, restore, after_step)
+        previous = results[-1] if results else None
+        result = reconstruct_unit(student, teacher, unit, pool, steps, lr, cache_mb, restore, after_step, previous)
         restore = None
+        if previous is not None:
+            previous.examples = []  # only the last unit's examples are kept
         results.append(result)
         if result.stopped or (should_stop(done) and k + 1 < len(units)):
             return PhaseResult(results, False, done)
