@@ -259,3 +259,30 @@ def test_qdq_export_below_8_bits_keeps_the_code(tmp_path):
     assert diff.median() < 1e-6 and diff.max() < 0.05  # same codes but for float ties (4-bit steps are coarse)
     with pytest.raises(QdqExportError, match="never calibrated"):
         export_qdq(srbinarize.convert(msrresnet().eval(), "fqsr", calibrate=False), tmp_path / "x.onnx")
+
+
+def test_qdq_export_int4_containers(tmp_path):
+    import onnx
+    from onnx import TensorProto
+
+    from srbinarize.export.qdq import INT4_OPSET, QdqExportError, deployed_output, export_qdq
+
+    q = srbinarize.convert(msrresnet().eval(), "fqsr", **SETTINGS["4/4/8"])
+    path = export_qdq(q, tmp_path / "m4.onnx", int4=True)
+    graph = onnx.load(path).graph
+    four_bit = {i.name: i.data_type for i in graph.initializer if i.data_type in (TensorProto.INT4, TensorProto.UINT4)}
+    dq = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    weights = [n for n in dq if four_bit.get(n.input[0]) == TensorProto.INT4]  # a constant code: a weight
+    convs = [m for m in q.modules() if isinstance(m, FqsrConv2d)]
+    assert len(weights) == len(convs)  # every conv's 4-bit weight code in int4
+    assert TensorProto.UINT4 in four_bit.values()  # post-ReLU activations: uint4
+    assert not [n for n in graph.node if n.op_type == "Clip"]  # 4-bit saturation is the clip; 8-bit skips need none
+    assert onnx.load(path).opset_import[0].version == INT4_OPSET
+    assert path.stat().st_size < 0.7 * export_qdq(q, tmp_path / "m8.onnx").stat().st_size
+    x = torch.rand(2, 3, 12, 15)
+    for optimize in (False, True):  # onnxruntime runs it with float convs: the codes of the PyTorch model
+        got = torch.from_numpy(_ort(path, optimize).run(None, {"x": x.numpy()})[0])
+        diff = (got - deployed_output(q, x)).abs()
+        assert diff.median() < 1e-6 and diff.max() < 0.05  # but for float ties
+    with pytest.raises(QdqExportError, match="at most 4 bits"):
+        export_qdq(srbinarize.convert(msrresnet().eval(), "fqsr"), tmp_path / "x.onnx", int4=True)

@@ -19,7 +19,13 @@ weights, hence uint8 activations throughout.
 - a skip add: both operands through the shared quantizer's Q/DQ, ``Add``, the result's Q/DQ.
 
 So ``DQ -> Conv -> Q`` and ``DQ, DQ -> Add -> Q`` at 8 bits are exactly the patterns onnxruntime turns into
-``QLinearConv`` / ``QLinearAdd`` (integer kernels). Batch, height and width are dynamic. Rounding is half
+``QLinearConv`` / ``QLinearAdd`` (integer kernels). Batch, height and width are dynamic.
+
+``int4=True`` stores codes of at most 4 bits in 4-bit containers (opset 21): weight codes as ``int4``,
+activation codes as ``uint4`` (unsigned) or ``int4`` (signed, zero point 0) without the ``Clip``, since the
+4-bit saturation is the clip. onnxruntime 1.32 runs such a graph with the same codes, but it has no
+integer convolution for 4-bit types: it runs float ``Conv`` on the dequantized values, so the file and
+the tensors between layers shrink while the convs are slower than the fused 8-bit containers. Rounding is half
 to even on both sides; onnxruntime's requantization (fixed-point multiplier) can still move a code by one
 step, which is the tolerance the tests hold the export to.
 """
@@ -36,14 +42,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from onnx import helper, numpy_helper
 from torch import nn
 
 from ..errors import SrbinarizeError
 from ..layers.fqsr import FqsrConv2d, IntervalQuantizer
 
 OPSET = 17
+INT4_OPSET = 21  # the first opset whose QuantizeLinear / DequantizeLinear take int4 and uint4
 
 
 class QdqExportError(SrbinarizeError):
@@ -163,16 +174,93 @@ def deployed_forward(model: nn.Module) -> Iterator[None]:
                 del m._deployed
 
 
+def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of ``name`` if a Constant node or an initializer holds it, else None."""
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def to_int4(model: onnx.ModelProto) -> int:
+    """Rewrite codes of at most 4 bits into int4 / uint4 containers in place (opset 21); returns how many.
+
+    Weights: a DequantizeLinear of a constant int8 code within [-8, 7] (zero point 0). Activations: a
+    ``Clip -> QuantizeLinear`` whose clip bounds are codes within [0, 15] (zero point 0) or [-8, 7]
+    (uint8 zero point 128): the Clip goes, the QuantizeLinear and its DequantizeLinear consumers get a
+    4-bit zero point 0. Everything else is left as it is.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    removed, count = [], 0
+
+    def new_constant(values: np.ndarray, dtype: type, base: str) -> str:  # packed two codes a byte
+        name = f"{base}_int4"
+        graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name))
+        return name
+
+    for node in list(graph.node):
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3:
+            code, zero = _constant(graph, node.input[0]), _constant(graph, node.input[2])
+            if code is not None and code.dtype == np.int8 and zero is not None and not zero.any() \
+                    and code.min() >= -8 and code.max() <= 7 and len(consumers[node.input[0]]) == 1:
+                node.input[0] = new_constant(code, ml_dtypes.int4, node.input[0])
+                node.input[2] = new_constant(zero, ml_dtypes.int4, node.input[2])
+                count += 1
+        elif node.op_type == "QuantizeLinear" and producer.get(node.input[0]) is not None:
+            clip, readers = producer[node.input[0]], consumers.get(node.output[0], [])
+            if clip.op_type != "Clip" or len(consumers[clip.output[0]]) != 1 \
+                    or any(r.op_type != "DequantizeLinear" for r in readers):
+                continue
+            scale, zero = _constant(graph, node.input[1]), _constant(graph, node.input[2])
+            low, high = _constant(graph, clip.input[1]), _constant(graph, clip.input[2])
+            if any(v is None for v in (scale, zero, low, high)) or zero.dtype != np.uint8:
+                continue
+            lo, hi = round(float(low) / float(scale)), round(float(high) / float(scale))
+            if (lo, hi) == (0, 15) and int(zero) == 0:
+                dtype = ml_dtypes.uint4
+            elif (lo, hi) == (-8, 7) and int(zero) == 128:
+                dtype = ml_dtypes.int4
+            else:
+                continue
+            z4 = new_constant(np.zeros(()), dtype, node.output[0] + "_zero_point")
+            node.input[0], node.input[2] = clip.input[0], z4
+            for dq in readers:
+                dq.input[2] = z4
+            removed.append(clip)
+            count += 1
+    for clip in removed:
+        graph.node.remove(clip)
+    used = {name for node in graph.node for name in node.input}  # drop the 8-bit codes, zero points, clip bounds
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    if count:
+        del model.opset_import[:]
+        model.opset_import.append(helper.make_opsetid("", INT4_OPSET))
+    return count
+
+
 def export_qdq(
     model: nn.Module,
     path: str | os.PathLike,
     example_input: torch.Tensor | None = None,
     opset: int = OPSET,
+    int4: bool = False,
 ) -> Path:
     """Write an FQSR-converted ``model`` as QDQ ONNX to ``path`` (atomically); input ``x``, output ``y``.
 
     ``example_input`` (default: a 1xCx32x32 image, C from the conversion record) only fixes the
-    rank and channels: batch, height and width are dynamic.
+    rank and channels: batch, height and width are dynamic. ``int4=True`` stores codes of at most 4 bits
+    in 4-bit containers (opset 21; see the module doc: smaller, but no integer convs in onnxruntime).
     """
     _check_ready(model)
     work = copy.deepcopy(model).eval()
@@ -193,6 +281,11 @@ def export_qdq(
                 work, (example_input,), tmp, dynamo=False, opset_version=opset, input_names=["x"],
                 output_names=["y"], dynamic_axes={"x": axes, "y": axes},
             )
+        if int4:
+            graph = onnx.load(tmp)
+            if not to_int4(graph):
+                raise QdqExportError("int4=True, but no tensor of the model has a code of at most 4 bits")
+            onnx.save(graph, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -226,4 +319,4 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-__all__ = ["QdqExportError", "deployed_forward", "deployed_output", "export_qdq", "fp32_onnx"]
+__all__ = ["QdqExportError", "deployed_forward", "deployed_output", "export_qdq", "fp32_onnx", "to_int4"]
