@@ -69,7 +69,7 @@ from .checkpoints import (
 from .data import DataError, EvalSet, TrainPatches, patch_loader
 from .losses import FeatureTap, Objective
 from .metrics import SetResult, evaluate_bicubic, evaluate_model, super_resolve
-from .reconstruct import PhaseResult, Unit, reconstruct_unit, reconstruction_units, run_phase
+from .reconstruct import MAX_POOL, PhaseResult, Unit, pool_size, reconstruct_unit, reconstruction_units, run_phase
 from .report import plot_curves, save_crops, textured_window
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -703,9 +703,6 @@ def _steps_for_budget(cfg: RunConfig, student, teacher, objective, dataset, devi
     return steps
 
 
-RECONSTRUCTION_POOL = 32  # LR batches whose unit inputs and teacher targets each unit trains on
-
-
 def _reconstruction_steps(student: nn.Module, cfg: RunConfig) -> int:
     """Optimizer steps of the reconstruction phase in all (0 without one)."""
     return len(reconstruction_units(student)) * (cfg.reconstruct_steps or 0) if cfg.reconstruct else 0
@@ -726,7 +723,7 @@ def _reconstruction_phase(cfg: RunConfig, run_dir: Path, student, teacher, spec:
         return None
     device = next(student.parameters()).device
     loader = patch_loader(dataset, cfg.batch, start_step=2**32 // cfg.batch, workers=0)
-    pool = [next(loader)[0].to(device) for _ in range(RECONSTRUCTION_POOL)]
+    pool = [next(loader)[0].to(device) for _ in range(MAX_POOL)]
     if cfg.reconstruct_steps is None:
         if cfg.steps is not None:
             cfg.reconstruct_steps = max(1, round(cfg.reconstruct * cfg.steps / len(units)))
@@ -738,7 +735,7 @@ def _reconstruction_phase(cfg: RunConfig, run_dir: Path, student, teacher, spec:
     ckpt = latest_checkpoint(run_dir / "reconstruction")
     log.truncate_after(ckpt[0] if ckpt else 0, key="recon_step")
     log.say(f"reconstruction: {len(units)} units ({', '.join(u.path for u in units)}), {steps} Adam steps each, "
-            f"lr {cfg.reconstruct_lr:g}, pool of {len(pool)} batches")
+            f"lr {cfg.reconstruct_lr:g}, {pool_size(steps)} batches of {cfg.batch}")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -795,8 +792,11 @@ def _reconstruction_steps_for_budget(cfg: RunConfig, student, teacher, units: li
     left = cfg.minutes * 60 - (time.time() - t_start)
     # Preparing the units runs each unit of both networks once per pool batch (the units after the first
     # start from the previous unit's outputs): about one pass of both, plus slack for other graph shapes.
-    preparing = 2 * per_pass * len(pool)
-    steps = max(1, int((cfg.reconstruct * left - t_val - preparing) / (len(units) * per_step)))
+    budget = cfg.reconstruct * left - t_val
+    steps = 1
+    for _ in range(3):  # the pool grows with the steps
+        preparing = 2 * per_pass * pool_size(steps)
+        steps = max(1, int((budget - preparing) / (len(units) * per_step)))
     log.say(f"reconstruction: {cfg.reconstruct:g} of {left / 60:.1f} min left, {per_step:.3f} s per unit step, "
             f"{preparing:.0f} s to prepare the units -> {steps} steps per unit")
     return steps

@@ -12,7 +12,8 @@ parameter frozen:
 The unit is cut out of the student's graph as a GraphModule of its own (sharing the student's modules),
 so a step runs that unit only. For a pool of LR batches, the student's unit inputs (the units before it
 are frozen by then) and the teacher's unit outputs are computed once per unit, as many as fit in
-``cache_mb``; the teacher is never modified.
+``cache_mb``, from the previous unit's examples when the unit reads only that unit's output; the teacher
+is never modified. `run_phase` runs all units with checkpoints, as the first phase of `finetune`.
 """
 
 from __future__ import annotations
@@ -174,6 +175,14 @@ StepCallback = Callable[[int, float, torch.optim.Optimizer, torch.optim.lr_sched
 Restore = Callable[[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], int]
 
 
+MAX_POOL = 32
+
+
+def pool_size(steps: int) -> int:
+    """Batches a unit of ``steps`` steps trains on: each seen about 4 times, 4 to `MAX_POOL` of them."""
+    return max(4, min(MAX_POOL, steps // 4))
+
+
 def _cosine(steps: int) -> Callable[[int], float]:
     return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
 
@@ -192,7 +201,7 @@ def reconstruct_unit(
 ) -> UnitResult:
     """Optimize the parameters under ``unit.path`` for ``steps`` Adam steps (cosine schedule).
 
-    The first ``steps`` batches of ``pool`` (LR images) are used cyclically; their unit inputs and teacher
+    The first `pool_size` (``steps``) batches of ``pool`` (LR images) are used cyclically; their unit inputs and teacher
     targets are computed once, for as many batches as fit in ``cache_mb`` (at least one). When the unit
     reads only the output of the ``previous`` unit, they come from that unit's examples (one pass of each
     unit, not of the network before it). Every other parameter is frozen during the call. ``restore``
@@ -210,7 +219,7 @@ def reconstruct_unit(
     stopped = False
     student.train()
     try:
-        examples = _examples(student, teacher, unit, pool[:steps], cache_mb, previous)
+        examples = _examples(student, teacher, unit, pool[: pool_size(steps)], cache_mb, previous)
         module = unit_module(student, unit)
         for step in range(start, steps):
             inputs, target = examples[step % len(examples)]
