@@ -84,3 +84,15 @@ def test_chained_unit_inputs_equal_those_of_a_full_pass():
     for (a_in, a_out), (b_in, b_out) in zip(chained, direct, strict=True):
         torch.testing.assert_close(a_in, b_in)
         torch.testing.assert_close(a_out, b_out)
+
+
+@pytest.mark.parametrize("recipe", ["scales", "bam", "ma", "lmb", "fqsr"])
+def test_every_recipe_reconstructs_through_the_same_units(recipe):
+    torch.manual_seed(0)
+    teacher = edsr(num_block=2).eval()
+    student = srbinarize.convert(teacher, recipe, calibration_data=torch.rand(4, 3, 16, 16))
+    units = reconstruction_units(student)
+    assert [u.path for u in units][:2] == ["body.0", "body.1"]
+    for unit in units[:2]:
+        result = reconstruct_unit(student, teacher, unit, _batches(1), steps=15, lr=2e-3)
+        assert result.last_loss < result.first_loss, (recipe, unit.path, result)
