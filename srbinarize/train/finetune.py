@@ -14,7 +14,8 @@ What a run does (``<run>`` is the output folder):
    unit trained alone to reproduce its FP counterpart; `srbinarize.train.reconstruct`), writing
    ``<run>/reconstructed.safetensors`` and checkpoints under ``<run>/reconstruction/`` (a killed run
    resumes from the unit and step it was on); with a ``steps`` budget, ``reconstruct`` x ``steps`` unit
-   steps are shared by the units and the rest are end-to-end steps;
+   steps are shared by the units and the rest are end-to-end steps; the end-to-end phase that follows
+   warms its learning rate up over at least a tenth of its steps;
 4. trains the converted student end to end: L1 to HR + L1 to the teacher's output (+ optional body-feature
    distillation, + the recipe's extra losses; see `srbinarize.train.losses`), optimizer and schedule from
    the recipe's ``train`` section unless overridden, for ``steps`` optimizer steps or ``minutes`` of wall
@@ -526,7 +527,7 @@ def finetune(
             _atomic_write_text(baselines_file, json.dumps({"baselines": baselines, "t_val": t_val}))
         if cfg.total_steps is None:
             if cfg.steps is not None:
-                cfg.total_steps = cfg.steps - _reconstruction_steps(student, cfg)
+                cfg.total_steps = max(0, cfg.steps - _reconstruction_steps(student, cfg))
             elif cfg.reconstruct >= 1.0:
                 cfg.total_steps = 0
             else:
@@ -535,6 +536,9 @@ def finetune(
                        else time.time() + (1 - cfg.reconstruct) * cfg.minutes * 60)
                 cfg.total_steps = _steps_for_budget(cfg, student, teacher, objective, dataset, device_t, end,
                                                     t_val, log)
+            if reconstructed.is_file():
+                # Adam's first full-size steps would undo much of what reconstruction reached: warm up
+                cfg.warmup_steps = max(cfg.warmup_steps, cfg.total_steps // 10)
         _atomic_write_text(run_dir / CONFIG_FILE, json.dumps(asdict(cfg), indent=1))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _Schedule(cfg.total_steps, cfg.schedule, cfg.warmup_steps))
         for name, b in baselines.items():
