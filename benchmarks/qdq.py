@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--bits-w", type=int, default=8, help="weight bits (7: int8 weights, onnxruntime's u8s8 kernels)")
+    ap.add_argument("--bits-a", type=int, default=8, help="activation bits (skips stay 8)")
+    ap.add_argument("--int4", action="store_true", help="4-bit codes in int4/uint4 containers (export_qdq int4=True)")
     ap.add_argument("--layouts", action="store_true", help="one conv in each integer QDQ layout instead of the model")
     args = ap.parse_args(argv)
     cmd = "python benchmarks/qdq.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -177,26 +179,29 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     fp = EDSR(3, 3, num_feat=args.feat, num_block=args.blocks, upscale=args.scale).eval()
-    q = srbinarize.convert(fp, "fqsr", bits_w=args.bits_w)  # w/8/8
+    q = srbinarize.convert(fp, "fqsr", bits_w=args.bits_w, bits_a=args.bits_a)  # w/a/8
     x = torch.rand(1, 3, args.size, args.size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp_path = fp32_onnx(fp, tmp / "fp32.onnx", x)
-        q_path = export_qdq(q, tmp / "qdq.onnx", x)
+        q_path = export_qdq(q, tmp / "qdq.onnx", x, int4=args.int4)
         sessions = {"fp32": _session(fp_path, args.threads),
-                    "qdq8": _session(q_path, args.threads, optimized=tmp / "qdq_opt.onnx")}
+                    "qdq": _session(q_path, args.threads, optimized=tmp / "qdq_opt.onnx")}
+        sizes = {"fp32": fp_path.stat().st_size, "qdq": q_path.stat().st_size}
         fused = Counter(n.op_type for n in onnx.load(tmp / "qdq_opt.onnx").graph.node)
         feed = {"x": x.numpy()}
         med = _timed(sessions, {k: feed for k in sessions}, args.repeats)
-    print(f"# onnxruntime {ort.__version__}, FQSR w{args.bits_w}a8s8 EDSR {args.feat}x{args.blocks} x{args.scale}, "
-          f"input 1x3x{args.size}x{args.size}, {args.threads} thread(s), median of {args.repeats}")
+    containers = "int4/uint4 for 4-bit codes" if args.int4 else "int8/uint8"
+    print(f"# onnxruntime {ort.__version__}, FQSR w{args.bits_w}a{args.bits_a}s8 ({containers}) EDSR "
+          f"{args.feat}x{args.blocks} x{args.scale}, input 1x3x{args.size}x{args.size}, {args.threads} thread(s), "
+          f"median of {args.repeats}")
     print(f"# fused: {fused['QLinearConv']} QLinearConv, {fused['QLinearAdd']} QLinearAdd, "
-          f"{fused['Conv']} float Conv left")
-    print("| export | median ms | speed-up vs FP32 |")
-    print("|---|---|---|")
+          f"{fused['Conv'] + fused['FusedConv']} float Conv / FusedConv left")
+    print("| export | file bytes | median ms | speed-up vs FP32 |")
+    print("|---|---|---|---|")
     for name in sessions:
-        print(f"| {name} | {med[name]:.1f} | {med['fp32'] / med[name]:.2f}x |")
-    print("# fp32 and qdq8 alternate run by run; ratios of medians, not single timings, are the figure")
+        print(f"| {name} | {sizes[name]:,} | {med[name]:.1f} | {med['fp32'] / med[name]:.2f}x |")
+    print("# fp32 and qdq alternate run by run; ratios of medians, not single timings, are the figure")
 
 
 if __name__ == "__main__":
