@@ -4,6 +4,8 @@
         -o benchmarks/results/accuracy_scales_edsr_x2
     python benchmarks/accuracy.py --recipe fqsr:4/4/8 fqsr:6/6/8 scales:skip=false ...
 
+``--convert-only`` skips finetuning: the rows are the conversions a finetune would start from.
+
 A recipe is a name or YAML path, optionally followed by ``:`` and overrides of its options: FQSR-style bits
 ``w/a/s`` (``bits_w``, ``bits_a``, ``bits_s``) or ``key=value`` pairs separated by commas (values read as YAML,
 as ``srbinarize finetune --set``).
@@ -35,11 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from srbinarize.checkpoint import load_model  # noqa: E402
+from srbinarize.convert import convert  # noqa: E402
 from srbinarize.models.load import load_pretrained  # noqa: E402
 from srbinarize.recipe import load_recipe  # noqa: E402
 from srbinarize.train.cli import key_values  # noqa: E402
 from srbinarize.train.evaluate import Entry, describe_sets, evaluate_entries, format_table, load_sets  # noqa: E402
-from srbinarize.train.finetune import finetune, hardware, run_exists  # noqa: E402
+from srbinarize.train.finetune import calibration_batch, finetune, hardware, run_exists  # noqa: E402
 
 DATA = Path(os.environ.get("SRBINARIZE_DATA", os.path.relpath(REPO.parent / "shared" / "data")))
 BITS = re.compile(r"(\d+)/(\d+)/(\d+)")
@@ -110,6 +113,14 @@ def run_row(args, recipe: str, overrides: dict[str, Any], distill: bool, run: Pa
             "schedule": cfg["schedule"], "batch": cfg["batch"], "patch": cfg["patch"]}
 
 
+def convert_like_finetune(teacher: torch.nn.Module, recipe: str, overrides: dict[str, Any], train: list[str],
+                          scale: int, seed: int) -> torch.nn.Module:
+    """The conversion `finetune` starts from: calibrated on LR patches of the training data, same seeds."""
+    rec = load_recipe(recipe).with_overrides(**overrides)
+    torch.manual_seed(seed)
+    return convert(teacher, rec, calibration_data=calibration_batch(train, scale, rec, seed, None))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="zoo:edsr-x2")
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="optimizer steps per finetuned row")
     budget.add_argument("--minutes", type=float, help="wall-clock minutes per finetuned row")
+    budget.add_argument("--convert-only", action="store_true", help="no finetuning: the converted rows only")
     p.add_argument("--train", nargs="+", default=[str(DATA / "BSD100")])
     p.add_argument("--val", nargs="*", default=[str(DATA / "Set5")])
     p.add_argument("--sets", nargs="+", default=[str(DATA / "Set5"), str(DATA / "Set14")])
@@ -150,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     entries = [Entry(f"FP {args.model}", teacher)]
     rows: dict[str, dict] = {}
     for recipe, (name, overrides) in recipes.items():
+        if args.convert_only:
+            model = convert_like_finetune(teacher, name, overrides, args.train, scale, args.seed)
+            entries.append(Entry(f"{recipe}: converted, no finetune", model))
+            continue
         for distill in (True,) if args.no_ablation else (True, False):
             run = Path(args.runs) / f"{tag}_{run_tag(recipe)}_{'distill' if distill else 'nodistill'}"
             info = run_row(args, name, overrides, distill, run)
@@ -162,39 +178,46 @@ def main(argv: list[str] | None = None) -> int:
     print("evaluating ...", flush=True)
     results = evaluate_entries(entries, sets)
     table = format_table(results, sets)
-    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min wall clock"
-    any_row = next(iter(rows.values()))
     lines = [
         f"# Accuracy: {args.model} x{scale}, recipe(s) {', '.join(args.recipe)}",
         "",
         f"Command: `{command}`",
         "",
         f"Hardware: {hardware()}; shared machine (other jobs ran beside it), so wall times are indicative.",
-        f"Budget per finetuned row: {budget} (batch {any_row['batch']}, LR patch {any_row['patch']}, "
-        f"{any_row['optimizer']} lr {any_row['lr']:g} {any_row['schedule']}, seed {args.seed}); training data "
-        f"{', '.join(args.train)} (MATLAB-style bicubic LR made on the fly).",
-        "",
-        table,
-        "",
-        f"PSNR / SSIM on Y (BT.601), {scale} border pixels cropped; {describe_sets(sets)}.",
-        "Finetuned rows are the models after the last step (validation on "
-        f"{', '.join(Path(v).name for v in args.val) or 'nothing'} drew the curves and selected nothing). "
-        "Both start from the same calibrated conversion (the 'converted, no finetune' row) with the same seed and "
-        "samples; equal budget means equal steps: distillation adds one FP teacher forward per step (wall times "
-        "below).",
-        "",
-        "| finetuned row | steps | wall time (s) | run folder |",
-        "|---|---|---|---|",
     ]
-    for label, info in rows.items():
-        lines.append(f"| {label} | {info['steps']} | {info['seconds']} | `{info['run']}` |")
+    if args.convert_only:
+        lines += [f"No finetuning: each recipe converted with calibration on LR patches of {', '.join(args.train)} "
+                  f"(the recipe's calibration batch, seed {args.seed}), as `finetune` converts.", "", table, "",
+                  f"PSNR / SSIM on Y (BT.601), {scale} border pixels cropped; {describe_sets(sets)}."]
+    else:
+        budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min wall clock"
+        any_row = next(iter(rows.values()))
+        lines += [
+            f"Budget per finetuned row: {budget} (batch {any_row['batch']}, LR patch {any_row['patch']}, "
+            f"{any_row['optimizer']} lr {any_row['lr']:g} {any_row['schedule']}, seed {args.seed}); training data "
+            f"{', '.join(args.train)} (MATLAB-style bicubic LR made on the fly).",
+            "",
+            table,
+            "",
+            f"PSNR / SSIM on Y (BT.601), {scale} border pixels cropped; {describe_sets(sets)}.",
+            "Finetuned rows are the models after the last step (validation on "
+            f"{', '.join(Path(v).name for v in args.val) or 'nothing'} drew the curves and selected nothing). "
+            "Both start from the same calibrated conversion (the 'converted, no finetune' row) with the same seed "
+            "and samples; equal budget means equal steps: distillation adds one FP teacher forward per step (wall "
+            "times below).",
+            "",
+            "| finetuned row | steps | wall time (s) | run folder |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {row} | {info['steps']} | {info['seconds']} | `{info['run']}` |" for row, info in rows.items()]
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps({
         "command": command, "model": args.model, "model_spec": {"target": spec.target, "kwargs": spec.kwargs},
-        "scale": scale, "recipes": args.recipe, "budget": {"steps": args.steps, "minutes": args.minutes},
+        "scale": scale, "recipes": args.recipe,
+        "budget": {"steps": args.steps, "minutes": args.minutes, "convert_only": args.convert_only},
         "hardware": hardware(), "sets": describe_sets(sets), "results": results, "rows": rows,
     }, indent=1))
     print(md)
