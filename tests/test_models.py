@@ -182,7 +182,7 @@ def test_the_zoo_swinir_is_shipped_with_its_record_and_converts():
     assert spec.target == "basicsr.archs.swinir_arch:SwinIR" and model_scale(model) == 2
     info = zoo_info("zoo:swinir-x2")
     assert info["scale"] == 2 and info["results"]["Set5"]["psnr_y"] > info["results"]["Set5"]["bicubic_psnr_y"] + 1
-    binary = srbinarize.convert(model, "scales")
+    binary = srbinarize.convert(model, "scales", calibration_data=torch.rand(2, 3, 16, 16))
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert n_linear > 0 and sum(isinstance(m, ScalesLinear) for m in binary.modules()) == n_linear
     with torch.no_grad():  # a size other than the traced one (multiples of the window, 8)
