@@ -1,7 +1,8 @@
 """Train the project's own FP model for the zoo: ``python -m srbinarize.models.train_zoo``.
 
     nice -n 10 python -m srbinarize.models.train_zoo --scale 2 --steps 2000 -o runs/zoo_edsr_x2
-    nice -n 5 python -m srbinarize.models.train_zoo --arch swinir --batch 8 --steps 1400 -o runs/zoo_swinir_x2
+    nice -n 5 python -m srbinarize.models.train_zoo --arch swinir --batch 8 --steps 1400 --lr 5e-4 --warmup 100 \
+        -o runs/zoo_swinir_x2
 
 A small basicsr EDSR (``--arch edsr``) or lightweight SwinIR (``--arch swinir``: window 8, pixel-shuffle-direct
 upsampler, ``img_size`` = the LR patch), L1 loss, Adam with a cosine schedule, random patches of the HR images of
@@ -33,8 +34,6 @@ from .zoo import save_fp_model, zoo_dir
 
 DEFAULT_DATA = "../shared/data/BSD100"
 DEFAULT_SETS = ("../shared/data/Set5", "../shared/data/Set14")
-
-
 ARCHS = ("edsr", "swinir")
 
 
