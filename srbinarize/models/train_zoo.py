@@ -1,7 +1,7 @@
 """Train the project's own FP model for the zoo: ``python -m srbinarize.models.train_zoo``.
 
     nice -n 10 python -m srbinarize.models.train_zoo --scale 2 --steps 2000 -o runs/zoo_edsr_x2
-    nice -n 5 python -m srbinarize.models.train_zoo --arch swinir --batch 8 --steps 1400 --lr 5e-4 --warmup 100 \
+    nice -n 5 python -m srbinarize.models.train_zoo --arch swinir --batch 8 --steps 1400 --lr 5e-4 --warmup 100 \\
         -o runs/zoo_swinir_x2
 
 A small basicsr EDSR (``--arch edsr``) or lightweight SwinIR (``--arch swinir``: window 8, pixel-shuffle-direct
