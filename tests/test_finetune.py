@@ -198,6 +198,8 @@ def test_bad_input_gives_clear_messages(setup, tmp_path):
         finetune(str(setup["model"]), out=tmp_path / "a", steps=1, **_common(setup, train=empty))
     with pytest.raises(DataError, match="smaller than the HR patch"):
         finetune(str(setup["model"]), out=tmp_path / "b", steps=1, **_common(setup, patch=64))
+    with pytest.raises(FinetuneError, match=r"share of the budget for reconstruction, in \[0, 1\]"):
+        finetune(str(setup["model"]), out=tmp_path / "f", steps=1, reconstruct=1.5, **_common(setup))
     with pytest.raises(FinetuneError, match="exactly one budget"):
         finetune(str(setup["model"]), out=tmp_path / "c", **_common(setup))
     (tmp_path / "e").mkdir()

@@ -9,7 +9,13 @@ import torch
 from conftest import edsr, rcan
 
 import srbinarize
-from srbinarize.train.reconstruct import _examples, reconstruct_unit, reconstruction_units, student_output, teacher_output
+from srbinarize.train.reconstruct import (
+    _examples,
+    reconstruct_unit,
+    reconstruction_units,
+    student_output,
+    teacher_output,
+)
 
 
 def _batches(n: int, seed: int = 0) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ from srbinarize.layers import ScalesConv2d, ScalesLinear
 from srbinarize.models.train_zoo import swinir_spec
 from srbinarize.models.zoo import save_fp_model
 from srbinarize.train.evaluate import load_sets
-from srbinarize.train.finetune import finetune
+from srbinarize.train.finetune import FinetuneError, finetune
 from srbinarize.train.metrics import evaluate_model, input_multiple
 
 ALL_OFF = {"binarize_weights": False, "binarize_activations": False, "spatial_rescale": False,
@@ -168,3 +168,5 @@ def test_swinir_finetunes_and_evaluates_at_a_size_off_the_window(tmp_path):
     (es,) = load_sets([str(val)], 2)
     assert es.images[0].lr.shape[:2] == (13, 18) and input_multiple(result.model) == 4
     assert np.isfinite(evaluate_model(result.model, es).psnr)
+    with pytest.raises(FinetuneError, match="multiple of 4"):
+        finetune(str(checkpoint), "scales", train=train, out=tmp_path / "odd", steps=1, patch=18, progress=False)

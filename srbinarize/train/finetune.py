@@ -69,7 +69,7 @@ from .checkpoints import (
 )
 from .data import DataError, EvalSet, TrainPatches, patch_loader
 from .losses import FeatureTap, Objective
-from .metrics import SetResult, evaluate_bicubic, evaluate_model, super_resolve
+from .metrics import SetResult, evaluate_bicubic, evaluate_model, input_multiple, super_resolve
 from .reconstruct import MAX_POOL, PhaseResult, Unit, pool_size, reconstruct_unit, reconstruction_units, run_phase
 from .report import plot_curves, save_crops, textured_window
 
@@ -424,6 +424,10 @@ def finetune(
             raise FinetuneError(f"cannot resume {run_dir}: {teacher_file} is missing and no model was given")
         teacher, spec = load_pretrained(model, arch=arch, arch_kwargs=arch_kwargs, scale=scale)
     in_ch = model_in_channels(teacher)
+    window = input_multiple(teacher)
+    if cfg.patch % window:
+        raise FinetuneError(f"the model works on windows of {window} pixels: the LR patch ({cfg.patch}) must be a "
+                            f"multiple of {window}")
     measured = model_scale(teacher, in_ch)
     if cfg.scale and cfg.scale != measured:
         raise FinetuneError(f"the model is x{measured}, but scale {cfg.scale} was given")
