@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
 
 def _common(setup, **kw):
     base = dict(train=setup["train"], val=setup["val"], batch=4, patch=16, workers=0, threads=1, progress=False,
-                save_seconds=1e9)
+                save_seconds=1e9, reconstruct=0.0)  # end-to-end only unless a test asks for reconstruction
     base.update(kw)
     return base
 
@@ -111,7 +111,7 @@ def _env() -> dict[str, str]:
 def _finetune_args(setup, run: Path, steps: int) -> list[str]:
     return ["finetune", str(setup["model"]), "--train", str(setup["train"]), "--val", str(setup["val"]),
             "--steps", str(steps), "--batch", "4", "--patch", "16", "--workers", "2", "--threads", "1",
-            "--save-every", "1", "--val-every", "1000", "--quiet", "-o", str(run)]
+            "--save-every", "1", "--val-every", "1000", "--reconstruct", "0", "--quiet", "-o", str(run)]
 
 
 def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -199,7 +199,7 @@ def test_bad_input_gives_clear_messages(setup, tmp_path):
     with pytest.raises(DataError, match="smaller than the HR patch"):
         finetune(str(setup["model"]), out=tmp_path / "b", steps=1, **_common(setup, patch=64))
     with pytest.raises(FinetuneError, match=r"share of the budget for reconstruction, in \[0, 1\]"):
-        finetune(str(setup["model"]), out=tmp_path / "f", steps=1, reconstruct=1.5, **_common(setup))
+        finetune(str(setup["model"]), out=tmp_path / "f", steps=1, **_common(setup, reconstruct=1.5))
     with pytest.raises(FinetuneError, match="exactly one budget"):
         finetune(str(setup["model"]), out=tmp_path / "c", **_common(setup))
     (tmp_path / "e").mkdir()

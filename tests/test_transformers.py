@@ -161,7 +161,7 @@ def test_swinir_finetunes_and_evaluates_at_a_size_off_the_window(tmp_path):
     val = _smooth_images(tmp_path / "val", [(26, 36)], seed=1)
     run = tmp_path / "run"
     result = finetune(str(checkpoint), "scales", train=train, val=val, out=run, steps=3, batch=2, patch=16,
-                      val_every=3, workers=0, threads=1, progress=False, save_seconds=1e9)
+                      reconstruct=0.0, val_every=3, workers=0, threads=1, progress=False, save_seconds=1e9)
     assert result.step == 3 and not result.interrupted
     assert all(np.isfinite(r["psnr"]) and r["psnr"] > 10 for r in result.final_val.values()), result.final_val
     assert "could not draw" not in (run / "train.log").read_text()
