@@ -41,7 +41,14 @@ from srbinarize.convert import convert  # noqa: E402
 from srbinarize.models.load import load_pretrained  # noqa: E402
 from srbinarize.recipe import load_recipe  # noqa: E402
 from srbinarize.train.cli import key_values  # noqa: E402
-from srbinarize.train.evaluate import Entry, describe_sets, evaluate_entries, format_table, load_sets  # noqa: E402
+from srbinarize.train.evaluate import (  # noqa: E402
+    Entry,
+    describe_sets,
+    evaluate_entries,
+    format_table,
+    load_sets,
+    write_report,
+)
 from srbinarize.train.finetune import calibration_batch, finetune, hardware, run_exists  # noqa: E402
 
 DATA = Path(os.environ.get("SRBINARIZE_DATA", os.path.relpath(REPO.parent / "shared" / "data")))
@@ -210,18 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|---|",
         ]
         lines += [f"| {row} | {info['steps']} | {info['seconds']} | `{info['run']}` |" for row, info in rows.items()]
-    md = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({
+    write_report(args.out, "\n".join(lines) + "\n", {
         "command": command, "model": args.model, "model_spec": {"target": spec.target, "kwargs": spec.kwargs},
         "scale": scale, "recipes": args.recipe,
         "budget": {"steps": args.steps, "minutes": args.minutes, "convert_only": args.convert_only},
         "hardware": hardware(), "sets": describe_sets(sets), "results": results, "rows": rows,
-    }, indent=1))
-    print(md)
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    })
     return 0
 
 

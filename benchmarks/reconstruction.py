@@ -29,7 +29,14 @@ sys.path.insert(0, str(REPO))
 
 from srbinarize.checkpoint import load_model  # noqa: E402
 from srbinarize.models.load import load_pretrained, model_scale  # noqa: E402
-from srbinarize.train.evaluate import Entry, describe_sets, evaluate_entries, format_table, load_sets  # noqa: E402
+from srbinarize.train.evaluate import (  # noqa: E402
+    Entry,
+    describe_sets,
+    evaluate_entries,
+    format_table,
+    load_sets,
+    write_report,
+)
 from srbinarize.train.finetune import hardware  # noqa: E402
 
 DATA = Path(os.environ.get("SRBINARIZE_DATA", os.path.relpath(REPO.parent / "shared" / "data")))
@@ -152,16 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['label']} | {r['reconstruct_steps_per_unit']} | {r['e2e_steps']} | {r['seconds']} | "
                      f"`{r['run']}` |")
-    md = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({
+    write_report(args.out, "\n".join(lines) + "\n", {
         "command": command, "model": args.model, "scale": scale, "recipe": args.recipe, "minutes": args.minutes,
         "hardware": hardware(), "sets": describe_sets(sets), "results": results, "rows": rows,
-    }, indent=1))
-    print(md)
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    })
     return 0
 
 

@@ -138,3 +138,15 @@ def default_eval_roots(data_root: Path) -> list[str]:
 def check_roots(roots: list[str]) -> None:
     for r in roots:
         list_images(hr_folder(r))
+
+
+def write_report(out: str | Path, markdown: str, record: dict[str, Any]) -> None:
+    """``<out>.md`` and ``<out>.json`` of a benchmark (each written under a temporary name, then renamed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out.with_suffix(".md"), markdown), (out.with_suffix(".json"), json.dumps(record, indent=1))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(markdown)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
