@@ -71,6 +71,9 @@ class TrainSpec:
     # Share of the budget spent on block-wise reconstruction before end-to-end training (0: no such phase).
     reconstruct: float = 0.0
     reconstruct_lr: float = 5e-3
+    # Learning rate of learnable quantizer intervals relative to their size (None: the network's lr);
+    # see srbinarize.train.optim.
+    interval_lr: float | None = None
     # Extra losses a recipe declares, name -> weight (e.g. FQSR's {sqcl: 0.3}).
     extra_losses: dict[str, float] = field(default_factory=dict)
 
@@ -106,15 +109,20 @@ class Recipe:
         return out
 
     def with_overrides(self, **overrides: Any) -> Recipe:
-        """A copy with layer options (``skip=False``) or targets (``roles=[...]``) replaced.
+        """A copy with layer options (``skip=False``), targets (``roles=[...]``) or training defaults
+        (``train.lr=5e-4``, written with the ``train.`` prefix) replaced.
 
-        A key that is neither a targets field nor an option of any layer in the recipe is an error.
+        A key that is neither a targets field, a ``train.`` field nor an option of any layer is an error.
         """
         if not overrides:
             return self
         data = self.to_dict()
+        train_fields = {f"train.{f.name}" for f in dataclasses.fields(TrainSpec)}
         used: set[str] = set()
         for key, value in overrides.items():
+            if key in train_fields:
+                data["train"][key.removeprefix("train.")] = value
+                used.add(key)
             if key in data["targets"]:
                 data["targets"][key] = value
                 used.add(key)
@@ -127,7 +135,7 @@ class Recipe:
             options = sorted({k for layer in data["layers"].values() for k in layer if k != "type"})
             raise RecipeError(
                 f"recipe '{self.name}': unknown override(s) {unknown}; valid: targets fields "
-                f"{sorted(data['targets'])} and layer options {options}"
+                f"{sorted(data['targets'])}, layer options {options} and {sorted(train_fields)}"
             )
         return recipe_from_dict(data, source=f"{self.source} (with overrides {sorted(overrides)})")
 

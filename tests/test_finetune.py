@@ -87,14 +87,15 @@ def test_finetuning_learns_and_writes_the_run_folder(setup):
     assert Image.open(run / "crops.png").width > 4 * 96
 
 
-def test_resume_continues_bit_for_bit(setup):
+@pytest.mark.parametrize("recipe", ["scales", "fqsr"])  # fqsr: one optimizer group per quantizer interval
+def test_resume_continues_bit_for_bit(setup, recipe):
     kw = _common(setup, steps=8, val_every=4, save_every=3)
-    full = finetune(str(setup["model"]), "scales", out=setup["root"] / "full", **kw)
-    part = finetune(str(setup["model"]), "scales", out=setup["root"] / "part", max_steps_this_call=5, **kw)
+    full = finetune(str(setup["model"]), recipe, out=setup["root"] / f"full_{recipe}", **kw)
+    part = finetune(str(setup["model"]), recipe, out=setup["root"] / f"part_{recipe}", max_steps_this_call=5, **kw)
     assert part.interrupted and part.step == 5
-    resumed = finetune(resume=setup["root"] / "part", progress=False)
+    resumed = finetune(resume=setup["root"] / f"part_{recipe}", progress=False)
     assert resumed.step == 8
-    assert _losses(setup["root"] / "part") == _losses(setup["root"] / "full")
+    assert _losses(setup["root"] / f"part_{recipe}") == _losses(setup["root"] / f"full_{recipe}")
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -176,9 +177,10 @@ def test_ctrl_c_saves_and_exits_cleanly(setup):
 
 def test_feature_distillation_and_recipe_extra_losses(setup):
     run = setup["root"] / "extras"
-    finetune(str(setup["model"]), "fqsr", out=run, steps=2, feature_distill_weight=0.5, **_common(setup))
+    finetune(str(setup["model"]), "fqsr", out=run, steps=2, feature_distill_weight=0.5,
+             recipe_overrides={"train.extra_losses": {"sqcl": 0.3}}, **_common(setup))
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"l1", "distill", "feature", "sqcl"} <= set(first), first  # sqcl is declared by recipes/fqsr.yaml
+    assert {"l1", "distill", "feature", "sqcl"} <= set(first), first  # sqcl: declared by the recipe override
     with pytest.raises(LossError, match="unknown extra loss 'nope'"):
         finetune(str(setup["model"]), "scales", out=setup["root"] / "bad_loss", steps=1, extra_losses={"nope": 1.0},
                  **_common(setup))

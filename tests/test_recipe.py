@@ -87,6 +87,12 @@ def test_overrides_and_unknown_override():
     assert recipe.targets.roles == ("body", "tail")
     with pytest.raises(RecipeError, match=r"unknown override.*spatial_rescal\b"):
         srbinarize.load_recipe("scales").with_overrides(spatial_rescal=False)
+    trained = srbinarize.load_recipe("fqsr").with_overrides(**{"train.lr": 1e-3, "train.extra_losses": {"sqcl": 0.3}})
+    assert trained.train.lr == 1e-3 and trained.train.extra_losses == {"sqcl": 0.3}
+    with pytest.raises(RecipeError, match=r"train\.lr. must be int or float, got str"):
+        srbinarize.load_recipe("fqsr").with_overrides(**{"train.lr": "fast"})
+    with pytest.raises(RecipeError, match=r"unknown override.*train\.lrr"):
+        srbinarize.load_recipe("fqsr").with_overrides(**{"train.lrr": 1e-3})
 
 
 def test_round_trip_through_plain_data():

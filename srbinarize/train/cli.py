@@ -75,7 +75,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
             l1_weight=args.l1_weight, distill_weight=0.0 if args.no_distill else args.distill_weight,
             feature_distill_weight=args.feature_distill_weight, extra_losses=extra, reconstruct=args.reconstruct,
-            reconstruct_lr=args.reconstruct_lr,
+            reconstruct_lr=args.reconstruct_lr, interval_lr=args.interval_lr,
             recipe_overrides=key_values(args.set, "--set"), seed=args.seed, val_every=args.val_every,
             val_limit=args.val_limit, save_every=args.save_every, workers=args.workers, threads=args.threads,
             device=args.device, progress=not args.quiet,
@@ -124,6 +124,8 @@ def add_finetune(sub) -> None:
     p.add_argument("--reconstruct", type=float, metavar="SHARE",
                    help="share of the budget for block-wise reconstruction before end-to-end training (0: none)")
     p.add_argument("--reconstruct-lr", type=float, help="Adam learning rate of the reconstruction phase")
+    p.add_argument("--interval-lr", type=float, metavar="RELATIVE",
+                   help="learning rate of learnable quantizer intervals as a share of each interval (FQSR)")
     p.add_argument("--extra-loss", action="append", default=[], metavar="NAME=WEIGHT",
                    help="replace the recipe's extra losses (e.g. sqcl=0.3)")
     p.add_argument("--seed", type=int, default=0)

@@ -70,6 +70,7 @@ from .checkpoints import (
 from .data import DataError, EvalSet, TrainPatches, patch_loader
 from .losses import FeatureTap, Objective
 from .metrics import SetResult, evaluate_bicubic, evaluate_model, input_multiple, super_resolve
+from .optim import parameter_groups
 from .reconstruct import MAX_POOL, PhaseResult, Unit, pool_size, reconstruct_unit, reconstruction_units, run_phase
 from .report import plot_curves, save_crops, textured_window
 
@@ -107,6 +108,7 @@ class RunConfig:
     extra_losses: dict[str, float] = field(default_factory=dict)
     reconstruct: float = 0.0  # share of the budget for block-wise reconstruction (phase 1)
     reconstruct_lr: float = 5e-3
+    interval_lr: float | None = None  # relative rate of learnable quantizer intervals (train.optim)
     seed: int = 0
     val_every: int | None = None
     val_limit: int | None = None
@@ -137,6 +139,7 @@ class FinetuneResult:
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``params``: parameters or groups (`parameter_groups`); ``lr`` and ``weight_decay`` are the defaults."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -313,6 +316,7 @@ def finetune(
     extra_losses: dict[str, float] | None = None,
     reconstruct: float | None = None,
     reconstruct_lr: float | None = None,
+    interval_lr: float | None = None,
     recipe_overrides: dict[str, Any] | None = None,
     seed: int = 0,
     val_every: int | None = None,
@@ -384,6 +388,7 @@ def finetune(
             extra_losses=dict(extra_losses if extra_losses is not None else ts.extra_losses),
             reconstruct=reconstruct if reconstruct is not None else ts.reconstruct,
             reconstruct_lr=reconstruct_lr if reconstruct_lr is not None else ts.reconstruct_lr,
+            interval_lr=interval_lr if interval_lr is not None else ts.interval_lr,
             seed=seed,
             val_every=val_every,
             val_limit=val_limit,
@@ -485,8 +490,8 @@ def finetune(
             raise FinetuneError("feature distillation: no converted layer has a counterpart in the teacher")
         taps = (FeatureTap(student, names), FeatureTap(teacher, names))
     objective = Objective(cfg.l1_weight, cfg.distill_weight, cfg.feature_distill_weight, cfg.extra_losses, *taps)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    opt = build_optimizer(parameter_groups(student, cfg.lr, cfg.interval_lr), cfg.optimizer, cfg.lr,
+                          cfg.weight_decay)
 
     # ---- baselines (bicubic, FP teacher, converted) on the validation sets
     baselines: dict[str, dict[str, float]] = {}
@@ -766,7 +771,7 @@ def _reconstruction_phase(cfg: RunConfig, run_dir: Path, student, teacher, spec:
 
         phase = run_phase(student, teacher, pool, steps, cfg.reconstruct_lr, run_dir / "reconstruction", spec,
                           save_every=cfg.save_every, save_seconds=cfg.save_seconds, should_stop=should_stop,
-                          on_step=on_step)
+                          on_step=on_step, interval_lr=cfg.interval_lr)
     if bar is not None:
         bar.close()
     for r in phase.units:

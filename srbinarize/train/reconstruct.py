@@ -30,6 +30,7 @@ from torch import fx, nn
 from ..convert import conversion_info
 from ..models.spec import ModelSpec
 from .checkpoints import latest_checkpoint, load_train_state, prune, read_extra, save_checkpoint
+from .optim import parameter_groups
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -198,6 +199,7 @@ def reconstruct_unit(
     restore: Restore | None = None,
     on_step: StepCallback | None = None,
     previous: UnitResult | None = None,
+    interval_lr: float | None = None,
 ) -> UnitResult:
     """Optimize the parameters under ``unit.path`` for ``steps`` Adam steps (cosine schedule).
 
@@ -206,13 +208,14 @@ def reconstruct_unit(
     reads only the output of the ``previous`` unit, they come from that unit's examples (one pass of each
     unit, not of the network before it). Every other parameter is frozen during the call. ``restore``
     resumes a unit (it loads the optimizer and schedule and returns the step to go on from); ``on_step`` is
-    called after each step (progress, checkpoints) and may stop the unit.
+    called after each step (progress, checkpoints) and may stop the unit. ``interval_lr``: the relative rate
+    of quantizer intervals (`srbinarize.train.optim`).
     """
-    params = [p for name, p in student.named_parameters() if unit.owns(name) and p.requires_grad]
+    groups = parameter_groups(student, lr, interval_lr, include=unit.owns)
     trainable = {name: p.requires_grad for name, p in student.named_parameters()}
     for name, p in student.named_parameters():
         p.requires_grad_(unit.owns(name) and trainable[name])
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(groups, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(steps))
     start = restore(optimizer, schedule) if restore is not None else 0
     first = last = float("nan")
@@ -285,6 +288,7 @@ def run_phase(
     should_stop: Callable[[int], bool] = lambda _steps_this_call: False,
     on_step: Callable[[Unit, int, float], None] | None = None,
     cache_mb: float = 1024,
+    interval_lr: float | None = None,
 ) -> PhaseResult:
     """Reconstruct every unit in dataflow order, ``steps`` steps each, resumable at any step.
 
@@ -321,7 +325,8 @@ def run_phase(
             return stop
 
         previous = results[-1] if results else None
-        result = reconstruct_unit(student, teacher, unit, pool, steps, lr, cache_mb, restore, after_step, previous)
+        result = reconstruct_unit(student, teacher, unit, pool, steps, lr, cache_mb, restore, after_step, previous,
+                                  interval_lr)
         restore = None
         if previous is not None:
             previous.examples = []  # only the last unit's examples are kept
