@@ -87,13 +87,13 @@ def _same_settings(run: Path, args, recipe: str, overrides: dict[str, Any], dist
     """Whether a finished run was made with this invocation's model, recipe (options included), budget and
     training settings."""
     cfg = json.loads((run / "summary.json").read_text())["config"]
-    layers = load_recipe(recipe).with_overrides(**overrides).to_dict()["layers"]
+    rec = load_recipe(recipe).with_overrides(**overrides).to_dict()
     wanted = {"model": args.model, "steps": args.steps, "minutes": args.minutes, "batch": args.batch,
               "patch": args.patch, "seed": args.seed}
     if args.lr is not None:
         wanted["lr"] = args.lr
     same = all(cfg.get(k) == v for k, v in wanted.items())
-    same = same and cfg["recipe"]["name"] == load_recipe(recipe).name and cfg["recipe"]["layers"] == layers
+    same = same and all(cfg["recipe"][k] == rec[k] for k in ("name", "layers", "train"))
     return same and (cfg["distill_weight"] != 0) == distill
 
 
@@ -117,7 +117,8 @@ def run_row(args, recipe: str, overrides: dict[str, Any], distill: bool, run: Pa
     return {"run": str(run), "steps": summary["step"], "total_steps": summary["total_steps"],
             "seconds": summary.get("seconds_this_call"), "wall_seconds_this_invocation": round(time.time() - t0, 1),
             "distill_weight": cfg["distill_weight"], "lr": cfg["lr"], "optimizer": cfg["optimizer"],
-            "schedule": cfg["schedule"], "batch": cfg["batch"], "patch": cfg["patch"]}
+            "schedule": cfg["schedule"], "batch": cfg["batch"], "patch": cfg["patch"],
+            "interval_lr": cfg.get("interval_lr")}
 
 
 def convert_like_finetune(teacher: torch.nn.Module, recipe: str, overrides: dict[str, Any], train: list[str],
@@ -199,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min wall clock"
         any_row = next(iter(rows.values()))
+        intervals = f", intervals lr {any_row['interval_lr']:g} x |I|" if any_row.get("interval_lr") else ""
         lines += [
             f"Budget per finetuned row: {budget} (batch {any_row['batch']}, LR patch {any_row['patch']}, "
-            f"{any_row['optimizer']} lr {any_row['lr']:g} {any_row['schedule']}, seed {args.seed}); training data "
+            f"{any_row['optimizer']} lr {any_row['lr']:g} {any_row['schedule']}{intervals}, seed {args.seed}); "
+            "training data "
             f"{', '.join(args.train)} (MATLAB-style bicubic LR made on the fly).",
             "",
             table,
