@@ -17,20 +17,26 @@ back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import SrbinarizeError
 from .layers import LAYER_TYPES
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 LAYER_KINDS = ("conv2d", "linear", "add")
 ROLES = ("head", "body", "tail")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "linear")
 
 
 class RecipeError(SrbinarizeError):
@@ -76,6 +82,33 @@ class TrainSpec:
     interval_lr: float | None = None
     # Extra losses a recipe declares, name -> weight (e.g. FQSR's {sqcl: 0.3}).
     extra_losses: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Every value is checked here, so a recipe file, ``--set train.*`` and a finetune override alike fail
+        with the field's name before anything runs."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is unknown; expected one of {list(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is unknown; expected one of {list(SCHEDULES)}")
+        _require(self.lr, "lr", "> 0", lambda v: v > 0)
+        _require(self.reconstruct_lr, "reconstruct_lr", "> 0", lambda v: v > 0)
+        if self.interval_lr is not None:
+            _require(self.interval_lr, "interval_lr", "> 0 (or null: the network's lr)", lambda v: v > 0)
+        for name in ("weight_decay", "l1_weight", "distill_weight", "feature_distill_weight"):
+            _require(getattr(self, name), name, ">= 0", lambda v: v >= 0)
+        for name, weight in self.extra_losses.items():
+            _require(weight, f"extra_losses.{name}", ">= 0", lambda v: v >= 0)
+        _require(self.reconstruct, "reconstruct", "in [0, 1] (the share of the budget for reconstruction)",
+                 lambda v: 0 <= v <= 1)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+
+
+def _require(value: Any, name: str, expected: str, ok: typing.Callable[[float], bool]) -> None:
+    """``value`` must be a finite number passing ``ok``; otherwise a ValueError naming ``name`` and ``expected``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -140,9 +173,21 @@ class Recipe:
         return recipe_from_dict(data, source=f"{self.source} (with overrides {sorted(overrides)})")
 
 
+def recipe_dir() -> Traversable:
+    """The shipped recipe files: the installed package's ``srbinarize.recipes``, or, when the package is
+    imported from a checkout (the repository root shadows an installed package), the checkout's ``recipes/``."""
+    try:
+        return resources.files("srbinarize.recipes")
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parent.parent / "recipes"
+        if not checkout.is_dir():
+            raise RecipeError(f"no shipped recipes: neither the package srbinarize.recipes nor {checkout}") from None
+        return checkout
+
+
 def builtin_recipes() -> list[str]:
     """Names of the recipes shipped in the package."""
-    return sorted(p.name[:-5] for p in resources.files("srbinarize.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in recipe_dir().iterdir() if p.name.endswith(".yaml"))
 
 
 def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
@@ -156,7 +201,7 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
             raise RecipeError(f"recipe file not found: {path}")
         source, content = str(path), path.read_text()
     else:
-        shipped = resources.files("srbinarize.recipes") / f"{text}.yaml"
+        shipped = recipe_dir() / f"{text}.yaml"
         if not shipped.is_file():
             raise RecipeError(f"unknown recipe '{text}': shipped recipes are {builtin_recipes()}, or give a .yaml path")
         source, content = f"recipes/{text}.yaml", shipped.read_text()
