@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected")
+    p.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected (also allows a "
+                   "file to name it)")
     p.add_argument("--arch-kwargs", default="{}", help="JSON keyword arguments for --arch")
 
 
@@ -20,7 +20,7 @@ def _load_any(path: str, args: argparse.Namespace):
 
     if path.endswith(".safetensors") and read_metadata(path).get("format") == FORMAT:
         return load_model(path), None
-    return load_pretrained(path, arch=args.arch, arch_kwargs=json.loads(args.arch_kwargs))
+    return load_pretrained(path, arch=args.arch, arch_kwargs=args.arch_kwargs)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -41,6 +41,10 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from . import summary
 
     model, _ = _load_any(args.model, args)
+    if args.sensitivity:
+        from .analysis.cli import run_sensitivity
+
+        return run_sensitivity(model, args)
     print(summary(model, input_size=tuple(args.input_size)))
 
 
@@ -82,11 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--input-size", type=int, nargs=2, default=[64, 64], metavar=("H", "W"))
     _add_model_source(p)
+    from .analysis.cli import add_sensitivity_arguments  # --sensitivity and its options
+
+    add_sensitivity_arguments(p)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("export", help="export a converted checkpoint as ONNX with 1-bit srbinarize ops")
     p.add_argument("checkpoint", help="converted .safetensors written by `srbinarize convert` or finetune")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .onnx")
+    p.add_argument("--arch", help="allow the checkpoint to name this architecture (package.module:Class) beyond the "
+                   "built-in sources")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("upscale", help="upscale an image with an exported .onnx model (tiled, onnxruntime)")
@@ -110,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import SrbinarizeError
+    from .models.spec import allow_architectures
 
     try:
-        return args.func(args) or 0
+        # --arch is the user's deliberate choice: files read by this command may name that architecture.
+        with allow_architectures(getattr(args, "arch", None)):
+            return args.func(args) or 0
     except (SrbinarizeError, FileNotFoundError) as err:
         print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from ..atomic import current_umask
 from ..errors import SrbinarizeError
 from ..layers.bam import BamConv2d, _statistic
 from ..layers.base import QuantLayer
@@ -497,6 +498,7 @@ def export_onnx(
         _finish(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
+from ..atomic import current_umask
 from ..errors import SrbinarizeError
 from ..layers.fqsr import FqsrConv2d, IntervalQuantizer
 
@@ -286,6 +287,7 @@ def export_qdq(
             if not to_int4(graph):
                 raise QdqExportError("int4=True, but no tensor of the model has a code of at most 4 bits")
             onnx.save(graph, tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -306,6 +308,7 @@ def fp32_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Te
                 copy.deepcopy(model).eval(), (example_input,), tmp, dynamo=False, opset_version=opset,
                 input_names=["x"], output_names=["y"], dynamic_axes={"x": axes, "y": axes},
             )
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -12,12 +12,12 @@ bicubically beside and put back; greyscale inputs give greyscale outputs); 1-cha
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..atomic import atomic_output
 from ..errors import SrbinarizeError
 
 
@@ -140,15 +140,8 @@ def upscale_file(
     out = upscale_image(session, read_image(input_path), tile, overlap, progress)
     if fmt == "JPEG" and out.mode not in ("L", "RGB"):
         out = out.convert("RGB")
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(output_path) as tmp:
         out.save(tmp, format=fmt)
-        os.replace(tmp, output_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return output_path
 
 

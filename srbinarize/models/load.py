@@ -8,8 +8,9 @@ its weights loaded (strictly) and the `ModelSpec` that rebuilds it. What it read
 - containers: BasicSR training files (``params_ema`` preferred over ``params``), ``state_dict`` / ``model`` /
   ``net`` / ``generator`` wrappers, plain state dicts; a ``module.`` prefix (DataParallel) is stripped;
 - architectures, in this order: ``arch`` given (``package.module:Class`` + ``arch_kwargs``); a ModelSpec in
-  the safetensors metadata (files written by this project); basicsr's EDSR, MSRResNet, RCAN and RRDBNet
-  detected from key names, with num_feat / num_block / upscale read off the tensor shapes; then spandrel,
+  the safetensors metadata (files written by this project; only from an allowed source, see
+  `srbinarize.models.spec`: a file is data and must not name code to run); basicsr's EDSR, MSRResNet, RCAN
+  and RRDBNet detected from key names, with num_feat / num_block / upscale read off the tensor shapes; then spandrel,
   which knows about 40 SR architectures (SwinIR, HAT, DAT, ESRGAN variants, ...).
 
 Hyper-parameters that leave no trace in the weights (EDSR/RCAN ``res_scale``, ``img_range``, ``rgb_mean``)
@@ -296,7 +297,10 @@ def load_pretrained(
     if arch:
         spec = ModelSpec(arch, arch_kwargs)
     elif SPEC_KEY in meta:
-        spec = ModelSpec.from_json(meta[SPEC_KEY])
+        try:
+            spec = ModelSpec.from_metadata(meta, SPEC_KEY, source)
+        except ModelSpecError as err:
+            raise CheckpointError(str(err)) from None
         spec = ModelSpec(spec.target, {**spec.kwargs, **arch_kwargs})
     else:
         spec = detect_basicsr(sd)
@@ -316,7 +320,8 @@ def load_pretrained(
                 spec, model = ModelSpec(spec.target, {**spec.kwargs, **arch_kwargs}), None
     if model is None:
         try:
-            model = spec.build()
+            # --arch is the caller's own choice; a spec read from the file must come from an allowed source.
+            model = spec.build(allow=(arch,) if arch else (), source=source)
         except ModelSpecError as err:
             raise CheckpointError(str(err)) from None
         load_weights(model, sd, source, spec.target)
