@@ -75,7 +75,7 @@ def convert(
     try:
         traced = trace(work, example, leaf_modules)
         folded = fold_bn_graph(traced.module)  # conv -> BatchNorm pairs become one conv (exact in eval)
-        work, plan = traced.module, partition_graph(traced.module, traced.leaves)
+        work, plan = traced.module, partition_graph(traced.module, traced.leaves, example)
         if folded:
             plan.messages.append(f"BatchNorm folded into the conv before it: {folded}")
         if traced.leaves:

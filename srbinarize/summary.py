@@ -131,7 +131,7 @@ def summary(model: nn.Module, input_size: tuple[int, int] = (64, 64)) -> Summary
 def _plan(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Plan]:
     try:
         traced = trace(copy.deepcopy(model).eval(), example)
-        plan = partition_graph(traced.module, traced.leaves)
+        plan = partition_graph(traced.module, traced.leaves, example)
         insert_skip_adds(traced.module, plan)
         return traced.module, plan
     except TraceFailure as err:

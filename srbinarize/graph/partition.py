@@ -1,11 +1,16 @@
 """Head / body / tail roles of an SR network's layers, read off the structure of its graph.
 
 - head: layers no other layer feeds (the conv on the image input);
-- tail: layers after a feature upsampler (PixelShuffle, interpolate, Upsample, ConvTranspose), layers
+- tail: layers after the network's upsampler (PixelShuffle, interpolate, Upsample, ConvTranspose), layers
   that feed a pixel shuffle directly (the upsampler's own convs), layers after the global residual add,
   and layers no other layer follows (the conv producing the image);
 - body: the rest.
-An upsampling op applied to the image itself (MSRResNet's bicubic base) is not a feature upsampler.
+An upsampling op applied to the image itself (MSRResNet's bicubic base) is not a feature upsampler. The
+network's upsampler is where the resolution changes for good: an upsampling op whose output is no larger
+than the body's working resolution (the head's output) belongs to its block. That is the attention of the
+RFDN family (ESA: a strided conv and a max pool shrink the features, `F.interpolate` brings the attention
+map back to the input resolution, a sigmoid of it gates the features); its layers stay body. The sizes
+come from one forward pass on the example input; without one every upsampling op after a layer counts.
 Names of modules play no part. The result is a `Plan`: one `LayerRow` per conv / linear.
 
 The graph is the torch.fx trace when the model traces (`partition_graph`), else the ATen graph of
@@ -118,6 +123,20 @@ class _Graph:
     layer_names: dict[fx.Node, str]  # layer node -> path of the module (a layer, or a leaf holding layers)
     upsamples: set[fx.Node]
     shuffles: set[fx.Node]
+    sizes: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # spatial size of 4-D outputs
+
+    def network_upsamples(self, head: set[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+        """The upsampling / shuffle ops that raise the resolution above the head's output (all, without sizes)."""
+        body = [self.sizes[n] for n in head if n in self.sizes]
+        if not body:
+            return self.upsamples, self.shuffles
+        limit = max(h * w for h, w in body)
+
+        def raises(n: fx.Node) -> bool:
+            size = self.sizes.get(n)
+            return size is None or size[0] * size[1] > limit
+
+        return {n for n in self.upsamples if raises(n)}, {n for n in self.shuffles if raises(n)}
 
 
 def _roles(g: _Graph) -> tuple[dict[fx.Node, str], fx.Node | None]:
@@ -130,13 +149,14 @@ def _roles(g: _Graph) -> tuple[dict[fx.Node, str], fx.Node | None]:
         before_layer[n] = any(u in is_layer or before_layer[u] for u in n.users)
 
     head = {n for n in is_layer if not after_layer[n]}
+    upsamples, shuffles = g.network_upsamples(head)
     tail: set[fx.Node] = set()
     for n in nodes:  # the upsampler and everything after it; a ConvTranspose is itself the upsampler
-        if n in g.upsamples and (after_layer[n] or n in is_layer):
+        if n in upsamples and (after_layer[n] or n in is_layer):
             if n in is_layer:
                 tail.add(n)
             tail |= descendants(n) & is_layer
-    tail |= {n for n in is_layer if _reaches_shuffle(n, g.shuffles, is_layer)}  # the upsampler's convs
+    tail |= {n for n in is_layer if _reaches_shuffle(n, shuffles, is_layer)}  # the upsampler's convs
     tail |= {n for n in is_layer if not before_layer[n]}
     global_residual = _global_residual(nodes, head, is_layer, after_layer)
     if global_residual is not None:
@@ -146,8 +166,34 @@ def _roles(g: _Graph) -> tuple[dict[fx.Node, str], fx.Node | None]:
     return roles, global_residual
 
 
-def partition_graph(gm: fx.GraphModule, leaves: list[str]) -> Plan:
-    """Roles of the layers of a traced model; layers inside a leaf (untraceable block) inherit its role."""
+class _Sizes(fx.Interpreter):
+    """Runs a graph module once and keeps the spatial size of every 4-D tensor a node produces."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.sizes: dict[fx.Node, tuple[int, int]] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            self.sizes[n] = (int(out.shape[-2]), int(out.shape[-1]))
+        return out
+
+
+def spatial_sizes(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, tuple[int, int]]:
+    """Spatial size of each node's output on ``example`` (4-D tensors only)."""
+    interp = _Sizes(gm)
+    with torch.no_grad():
+        interp.run(example)
+    return interp.sizes
+
+
+def partition_graph(gm: fx.GraphModule, leaves: list[str], example: torch.Tensor | None = None) -> Plan:
+    """Roles of the layers of a traced model; layers inside a leaf (untraceable block) inherit its role.
+
+    ``example`` (an input the model accepts) gives the sizes that tell a block's own upsampling (attention)
+    from the network's upsampler.
+    """
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
     calls = {n: modules[n.target] for n in nodes if n.op == "call_module"}
@@ -158,6 +204,7 @@ def partition_graph(gm: fx.GraphModule, leaves: list[str]) -> Plan:
         | {n for n in nodes if n.op == "call_function" and n.target in _UPSAMPLE_FUNCTIONS},
         {n for n, m in calls.items() if isinstance(m, nn.PixelShuffle)}
         | {n for n in nodes if n.op == "call_function" and n.target in _SHUFFLE_FUNCTIONS},
+        spatial_sizes(gm, example) if example is not None else {},
     )
     roles, residual = _roles(g)
     rows: list[LayerRow] = []
@@ -191,8 +238,13 @@ def partition_exported(model: nn.Module, example: torch.Tensor, reason: str) -> 
         path = next(iter(reversed(stack.values())))[0] if stack else None
         if path in modules and layer_kind(modules[path]):
             layer_names[n] = path
+    sizes = {}
+    for n in nodes:
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 4:
+            sizes[n] = (int(val.shape[-2]), int(val.shape[-1]))
     g = _Graph(nodes, layer_names, {n for n in nodes if _is_aten_upsample(n)},
-               {n for n in nodes if n.op == "call_function" and n.target in _SHUFFLE_FUNCTIONS})
+               {n for n in nodes if n.op == "call_function" and n.target in _SHUFFLE_FUNCTIONS}, sizes)
     roles, residual = _roles(g)
     rows, seen = [], set()
     for n, path in layer_names.items():

@@ -6,12 +6,19 @@
   is kept whole as one ``call_module`` node, and layers inside it are reached by module path.
 - A plain function that fails the same way (basicsr's ``pixel_unshuffle`` asserts on sizes) is wrapped:
   it becomes one ``call_function`` node and tracing starts again.
+- A parameter-free module that is not a submodule of the model (FMEN's module-level
+  ``act = nn.LeakyReLU(0.1)``, called inside its blocks) is traced through: its ops join the graph.
+- In-place tensor ops of the graph (``out *= x`` after a sigmoid, ``h += x``) become their out-of-place
+  forms where nothing later reads the overwritten tensor: autograd needs the sigmoid's output intact, and
+  a replaced layer's output may be saved for backward. If the graph then no longer reproduces the model,
+  the in-place ops are kept.
 - The traced module is checked numerically against the original on an example input.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +49,8 @@ class _AutoLeafTracer(fx.Tracer):
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        if m is not self.root and not _installed(self, m) and next(_state(m), None) is None:
+            return forward(*args, **kwargs)  # a stateless module from outside the model: trace through it
         if m is self.root or self.is_leaf_module(m, self.path_of_module(m)):
             return super().call_module(m, forward, args, kwargs)
         checkpoint = list(self.graph.nodes)[-1] if len(self.graph.nodes) else None
@@ -55,6 +64,59 @@ class _AutoLeafTracer(fx.Tracer):
             path = self.path_of_module(m)
             self.auto_leaves.append(path)
             return self.create_proxy("call_module", path, args, kwargs)
+
+
+def _installed(tracer: fx.Tracer, m: nn.Module) -> bool:
+    try:
+        tracer.path_of_module(m)
+    except NameError:
+        return False
+    return True
+
+
+def _state(m: nn.Module):
+    yield from m.parameters()
+    yield from m.buffers()
+
+
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+_VIEWS = {"view", "reshape", "view_as", "reshape_as", "transpose", "permute", "flatten", "unflatten", "squeeze",
+          "unsqueeze", "expand", "expand_as", "narrow", "chunk", "split", "unbind", "t", "select", "as_strided",
+          "getitem", "unfold", "movedim", "diagonal", "detach"}
+
+
+def _is_view(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", node.target) if node.op == "call_function" else node.target
+    return node.op in ("call_function", "call_method") and str(name) in _VIEWS
+
+
+def functionalize_inplace(gm: fx.GraphModule) -> int:
+    """Turn the graph's in-place tensor ops into out-of-place ones where that keeps the function; returns how many.
+
+    An op is rewritten when the tensor it overwrites is no view (so no other tensor shares its memory) and
+    no node after it reads that tensor.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in _INPLACE_OPERATORS:
+            out_of_place = ("call_function", _INPLACE_OPERATORS[n.target])
+        elif (n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_")
+              and hasattr(torch.Tensor, n.target[:-1])):
+            out_of_place = ("call_method", n.target[:-1])
+        else:
+            continue
+        target = n.args[0] if n.args else None
+        if not isinstance(target, fx.Node) or target.op == "placeholder" or _is_view(target):
+            continue
+        if any(order[u] > order[n] for u in target.users if u is not n):
+            continue
+        n.op, n.target = out_of_place
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def _erase_after(graph: fx.Graph, last_kept: fx.Node | None) -> None:
@@ -95,12 +157,26 @@ def trace(model: nn.Module, example: torch.Tensor, leaf_types: Sequence[type] = 
                 wrapped.append(culprit)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     with torch.no_grad():
-        expected, got = model(example), gm(example)
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape or not torch.allclose(
-        got, expected, rtol=1e-4, atol=1e-5
-    ):
+        expected = model(example)
+    if functionalize_inplace(gm) and not _reproduces(gm, example, expected):
+        gm = fx.GraphModule(model, _retrace(tracer, model, wrapped), class_name=type(model).__name__)
+    if not _reproduces(gm, example, expected):
         raise TraceFailure("the traced graph does not reproduce the model's output on the example input")
     return TraceResult(gm, sorted(set(tracer.auto_leaves)))
+
+
+def _retrace(tracer: _AutoLeafTracer, model: nn.Module, wrapped: list[Callable]) -> fx.Graph:
+    """The graph traced again as it was (with its in-place ops)."""
+    again = _AutoLeafTracer(tracer.leaf_types, wrapped)
+    with _preserved_tensor_attributes(model):
+        return again.trace(model)
+
+
+def _reproduces(gm: fx.GraphModule, example: torch.Tensor, expected: torch.Tensor) -> bool:
+    with torch.no_grad():
+        got = gm(example)
+    return isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(
+        got, expected, rtol=1e-4, atol=1e-5)
 
 
 def _failing_function(err: BaseException) -> Callable | None:

@@ -105,7 +105,18 @@ class IntervalQuantizer(nn.Module):
         self.register_buffer("daia_seen", torch.zeros((), dtype=torch.long))
         # -1: not known yet (decided at the first observation), 0: unsigned, 1: signed
         self.register_buffer("sign_mode", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
-        self.last_error: torch.Tensor | None = None  # ||Q(v) - v||_1 of the last training forward (SQCL)
+        # ||Q(v) - v||_1 of the last training forward (SQCL), with its graph: read within the same step
+        # (`sqcl_loss`); never copied, pickled or kept across a switch of mode.
+        self.last_error: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["last_error"] = None  # a non-leaf tensor: deepcopy and pickle refuse it, and it is one step's
+        return state
+
+    def train(self, mode: bool = True) -> IntervalQuantizer:
+        self.last_error = None
+        return super().train(mode)
 
     @property
     def signed(self) -> bool:
