@@ -92,6 +92,12 @@ def convert(
     modules = dict(work.named_modules())
     targets = recipe.targets
     rows = select(plan, targets.roles, set(recipe.layers), targets.include_pooled, targets.min_kernel_size, modules)
+    keep, names = set(targets.keep_fp), {r.name for r in plan.rows}
+    if keep - names:
+        raise ConversionError(f"keep_fp names {sorted(keep - names)}: not layers of {type(model).__name__}")
+    for row in (r for r in rows if r.name in keep):
+        row.note = "kept FP: in targets.keep_fp"
+    rows = [r for r in rows if r.name not in keep]
 
     def build(row, module):
         spec = recipe.layers[row.kind]

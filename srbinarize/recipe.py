@@ -51,6 +51,9 @@ class Targets:
     # Convs whose input is a globally pooled vector (channel-attention squeeze/excite) stay FP unless set.
     include_pooled: bool = False
     min_kernel_size: int = 1
+    # Layers (module names, as `srbinarize inspect` lists them) left FP whatever the rules above say: mixed
+    # precision, e.g. chosen by srbinarize.analysis.choose_keep_fp.
+    keep_fp: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

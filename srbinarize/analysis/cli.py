@@ -1,0 +1,66 @@
+"""`srbinarize inspect --sensitivity MODEL`: the options and what the command does with them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from torch import nn
+
+from ..convert import conversion_info
+from .sensitivity import SensitivityError, sensitivity, write_report
+
+
+def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-layer sensitivity (with --sensitivity)")
+    g.add_argument("--sensitivity", action="store_true",
+                   help="PSNR-Y drop of each layer the recipe replaces when it alone is converted (calibrated, no "
+                   "training), its share of MACs and modelled speed-up; prints the table, writes .md/.json/.png")
+    g.add_argument("--recipe", default="scales", help="shipped recipe name or path to a .yaml recipe")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe option")
+    g.add_argument("--images", help="image folder (HR/ + LR_bicubic/X<s>/, or HR images only); default: the "
+                   "photos scikit-image ships")
+    g.add_argument("--crops", type=int, default=4, help="number of LR crops scored")
+    g.add_argument("--crop-size", type=int, default=48, help="LR crop side in pixels")
+    g.add_argument("--input-range", type=float, default=1.0, help="the model takes RGB in [0, this] (e.g. 255)")
+    g.add_argument("--binary-share", type=float, metavar="P",
+                   help="also choose the layers to keep FP so that at least P of the body's MACs stay binary")
+    g.add_argument("--max-drop", type=float, metavar="DB",
+                   help="also choose the layers to keep FP so that the estimated drop is at most DB")
+    g.add_argument("-o", "--output", type=Path, metavar="PREFIX",
+                   help="report prefix: writes PREFIX.md, PREFIX.json, PREFIX.png (default: sensitivity_<model>)")
+
+
+def run_sensitivity(model: nn.Module, args: argparse.Namespace) -> None:
+    from ..train.cli import key_values
+
+    if conversion_info(model) is not None:
+        raise SensitivityError(f"{args.model} is already converted: give the pretrained FP checkpoint")
+    name = Path(args.model).stem
+    report = sensitivity(model, args.recipe, args.images, crops=args.crops, crop_size=args.crop_size,
+                         input_range=args.input_range, name=name, **key_values(args.set, "--set"))
+    print(report)
+    choices = []
+    if args.binary_share is not None or args.max_drop is not None:
+        choices.append(report.keep_fp(binary_share=args.binary_share, max_drop=args.max_drop))
+        print(f"\n{choices[0]}")
+    prefix = args.output or Path(f"sensitivity_{name}")
+    print("wrote " + ", ".join(map(str, write_report(report, prefix, _command(args), choices))))
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    """The command line that gives this report (options at their values, defaults included)."""
+    cmd = ["srbinarize", "inspect", "--sensitivity", args.model, "--recipe", str(args.recipe)]
+    for pair in args.set:
+        cmd += ["--set", pair]
+    if args.arch:
+        cmd += ["--arch", args.arch, "--arch-kwargs", args.arch_kwargs]
+    if args.images:
+        cmd += ["--images", args.images]
+    cmd += ["--crops", str(args.crops), "--crop-size", str(args.crop_size), "--input-range", f"{args.input_range:g}"]
+    for flag, value in (("--binary-share", args.binary_share), ("--max-drop", args.max_drop)):
+        if value is not None:
+            cmd += [flag, f"{value:g}"]
+    if args.output:
+        cmd += ["-o", str(args.output)]
+    return cmd
