@@ -19,6 +19,7 @@ files are used when present, otherwise LR is made from the modcropped HR the sam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -46,36 +47,106 @@ class DataError(SrbinarizeError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as RGB (H, W, 3), ``uint8`` or ``uint16``; greyscale/palette/alpha converted."""
-    from PIL import Image, UnidentifiedImageError
+#: The largest image (width x height) the readers decode unless told otherwise: a header can claim any size,
+#: and Pillow's own guard is an exception of its own. 2^28 pixels (16384 x 16384) is 805 MB as RGB uint8.
+MAX_PIXELS = 1 << 28
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image file's pixels: (H, W, 1) greyscale or (H, W, 3) RGB, ``uint8`` or ``uint16``, and its alpha
+    channel (H, W) of the same type, or None."""
+
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+
+    @property
+    def grey(self) -> bool:
+        return self.pixels.shape[2] == 1
+
+
+def decode_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, limit_hint: str = "") -> DecodedImage:
+    """Decode an image file, keeping its channels, alpha and bit depth (16-bit PNG/TIFF stay 16-bit).
+
+    Files with more than ``max_pixels`` pixels are refused from their header, before decoding; ``limit_hint``
+    (e.g. "raise it with --max-pixels") ends that message. Float images must hold finite values in [0, 1].
+    """
+    from PIL import Image
 
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"image not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an image file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit (or 32-bit) greyscale
-                arr = np.asarray(im)
-                arr = _to_uint16(arr) if mode != "F" else _float_to_uint16(arr)
-                return np.repeat(arr[..., None], 3, axis=2)
-            bit16 = _png_bit_depth(path) == 16 and mode in ("RGB", "RGBA")
-            if mode != "RGB":
-                im = im.convert("RGBA").convert("RGB") if mode in ("P", "PA", "LA", "RGBA") else im.convert("RGB")
-            arr = np.asarray(im)
+        with _own_size_limit():
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise DataError(f"image {path} is empty ({w}x{h})")
+            if max_pixels is not None and w * h > max_pixels:
+                hint = f"; {limit_hint}" if limit_hint else ""
+                raise DataError(f"image {path} is {w}x{h} ({w * h / 1e6:.1f} megapixels), above the limit of "
+                                f"{max_pixels} pixels ({max_pixels / 1e6:.1f} megapixels){hint}")
+            with _own_size_limit():
+                im.load()
+            decoded = _pixels(im, path)
+            deep = _sixteen_bit_colour(path, im)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Exception as err:  # Pillow's decoders raise many types on corrupt files (OSError, SyntaxError, ...)
         raise DataError(f"cannot read image {path}: {type(err).__name__}: {err} (corrupt or not an image?)") from None
-    if bit16:  # Pillow reduces 48/64-bit PNGs to 8 bits; OpenCV keeps the 16
-        arr16 = _read_png16(path)
-        if arr16 is not None:
-            return arr16
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise DataError(f"cannot read image {path}: unexpected {arr.dtype} array of shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(f"image {path} is empty ({arr.shape[1]}x{arr.shape[0]})")
-    return np.ascontiguousarray(arr)
+    if deep:  # Pillow reduces 48/64-bit PNGs (and 16-bit colour TIFFs) to 8 bits; OpenCV keeps the 16
+        decoded = _read_sixteen_bit(path, decoded)
+    if decoded.pixels.shape[0] != h or decoded.pixels.shape[1] != w:
+        raise DataError(f"cannot read image {path}: decoded {decoded.pixels.shape} for a {w}x{h} header")
+    return decoded
+
+
+def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """An image file as RGB (H, W, 3), ``uint8`` or ``uint16``; greyscale/palette/alpha converted."""
+    pixels = decode_image(path, max_pixels).pixels
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return np.ascontiguousarray(pixels)
+
+
+@contextlib.contextmanager
+def _own_size_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb check off inside: `decode_image` applies its own ``max_pixels``."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _pixels(im, path: Path) -> DecodedImage:
+    """A loaded PIL image as `DecodedImage` (8-bit modes as uint8, 16/32-bit greyscale as uint16)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        return DecodedImage(_to_uint16(np.asarray(im))[..., None], None)
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise DataError(f"image {path} holds NaN or infinite values (a float image must hold [0, 1])")
+        return DecodedImage(_float_to_uint16(arr)[..., None], None)
+    if mode in ("1", "L"):
+        return DecodedImage(np.asarray(im.convert("L"))[..., None], None)
+    if mode in ("LA", "La"):
+        arr = np.asarray(im.convert("LA"))
+        return DecodedImage(arr[..., :1], arr[..., 1].copy())
+    has_alpha = mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        arr = np.asarray(im.convert("RGBA"))
+        return DecodedImage(arr[..., :3], arr[..., 3].copy())
+    return DecodedImage(np.asarray(im.convert("RGB")), None)
 
 
 def is_greyscale_file(path: str | Path) -> bool:
@@ -83,7 +154,7 @@ def is_greyscale_file(path: str | Path) -> bool:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with _own_size_limit(), Image.open(path) as im:
             return im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
     except Exception:
         return False
@@ -102,18 +173,39 @@ def _float_to_uint16(arr: np.ndarray) -> np.ndarray:
 def _png_bit_depth(path: Path) -> int | None:
     with open(path, "rb") as f:
         head = f.read(26)
-    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return None
     return head[24]
 
 
-def _read_png16(path: Path) -> np.ndarray | None:
+def _sixteen_bit_colour(path: Path, im) -> bool:
+    """Whether Pillow decoded a 16-bit colour (or grey + alpha) file to 8 bits."""
+    if im.mode not in ("RGB", "RGBA", "LA"):
+        return False
+    if im.format == "PNG":
+        return _png_bit_depth(path) == 16
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258)
+        return bool(bits) and all(b == 16 for b in (bits if isinstance(bits, tuple) else (bits,)))
+    return False
+
+
+def _read_sixteen_bit(path: Path, eight: DecodedImage) -> DecodedImage:
+    """The 16-bit pixels of ``path`` through OpenCV (BGR(A) -> RGB), or ``eight`` when OpenCV cannot."""
     import cv2
 
     arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.dtype != np.uint16 or arr.ndim != 3:
-        return None
-    return np.ascontiguousarray(arr[..., 2::-1])  # BGR(A) -> RGB, alpha dropped
+    if arr is None or arr.dtype != np.uint16:
+        return eight
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[2] not in (1, 3, 4):
+        return eight
+    alpha = np.ascontiguousarray(arr[..., 3]) if arr.shape[2] == 4 else None
+    pixels = arr[..., :1] if arr.shape[2] == 1 else arr[..., 2::-1]  # BGR(A) -> RGB
+    if eight.grey:  # grey + alpha: OpenCV expands it to BGRA
+        pixels = pixels[..., :1]
+    return DecodedImage(np.ascontiguousarray(pixels), alpha if eight.alpha is not None else None)
 
 
 def to_float(img: np.ndarray) -> np.ndarray:
