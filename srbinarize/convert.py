@@ -29,6 +29,7 @@ from .graph.partition import Plan, layer_kind, partition_exported, partition_gra
 from .graph.rewrite import build_replacements, select, swap
 from .graph.trace import TraceFailure, trace
 from .layers import LAYER_TYPES
+from .models.input_range import check_input_range, model_input_range, with_input_range
 from .recipe import Calibration, Recipe, load_recipe
 
 INFO_ATTR = "srbinarize_info"
@@ -43,6 +44,7 @@ class ConversionInfo:
     recipe: Recipe
     plan: Plan
     in_channels: int
+    input_range: float = 1.0  # RGB range of the network inside; the converted model takes [0, 1] regardless
 
 
 def conversion_info(model: nn.Module) -> ConversionInfo | None:
@@ -57,6 +59,7 @@ def convert(
     calibration_data: torch.Tensor | None = None,
     calibrate: bool = True,
     leaf_modules: Sequence[type] = (),
+    input_range: float | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` whose layers are replaced as ``recipe`` says; ``model`` is untouched.
@@ -64,8 +67,13 @@ def convert(
     ``overrides`` replace layer options or targets of the recipe (``skip=False``, ``roles=["body"]``).
     ``calibration_data`` is a batch of LR images (N, C, H, W) in [0, 1]; by default, crops of the natural
     images scikit-image ships. ``calibrate=False`` skips it (used when weights are loaded afterwards).
+    ``input_range=255`` for a model trained on RGB in [0, 255]: it is wrapped (`ScaledRange`) so that the
+    result, like its calibration, takes [0, 1]; by default the range is the model's own (255 for an already
+    wrapped model, else 1; `srbinarize.models.input_range.detect_input_range` finds it by probing).
     """
     recipe = load_recipe(recipe).with_overrides(**overrides)
+    if input_range is not None:
+        model = with_input_range(model, check_input_range(input_range, "input_range"))
     if not any(layer_kind(m) for m in model.modules()):
         raise ConversionError(
             f"{type(model).__name__} has no Conv2d, ConvTranspose2d or Linear layer: nothing to convert"
@@ -128,7 +136,7 @@ def convert(
     wire_extra_inputs(work, replacements)
     for name, new in replacements.items():
         plan.row(name).replaced_by = type(new).__name__
-    setattr(work, INFO_ATTR, ConversionInfo(recipe, plan, example.shape[1]))
+    setattr(work, INFO_ATTR, ConversionInfo(recipe, plan, example.shape[1], model_input_range(model)))
     return work.train(model.training)
 
 

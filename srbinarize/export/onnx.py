@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from ..atomic import current_umask
+from ..atomic import atomic_output, current_umask
 from ..errors import SrbinarizeError
 from ..layers.bam import BamConv2d, _statistic
 from ..layers.base import QuantLayer
@@ -49,6 +49,7 @@ from ..layers.fqsr import FqsrAdd, FqsrConv2d
 from ..layers.lmb import LmbConv2d, local_mean
 from ..layers.ma import MaConv2d
 from ..layers.scales import ScalesConv2d, _ScalesBase
+from ..models.input_range import model_input_range
 from ..runtime import DOMAIN
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
 
@@ -68,10 +69,13 @@ class ExportReport:
     packed: list[str] = field(default_factory=list)  # "name: BinaryConv2d 64->64 k3 [spatial, skip]"
     fp: list[str] = field(default_factory=list)  # "name: why it stays FP"
     file_bytes: int = 0
+    qdq: list[str] = field(default_factory=list)  # FQSR layers, written as QuantizeLinear / DequantizeLinear
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.file_bytes / 1024:.1f} KiB)", f"packed (1-bit weights): {len(self.packed)}"]
         lines += [f"  {p}" for p in self.packed]
+        if self.qdq:
+            lines += [f"quantized (QDQ): {len(self.qdq)}", *(f"  {q}" for q in self.qdq)]
         lines.append("stayed FP (standard ONNX ops):")
         lines += [f"  {p}" for p in self.fp]
         return "\n".join(lines)
@@ -468,12 +472,17 @@ def export_onnx(
     example_input: torch.Tensor | None = None,
     opset: int = OPSET,
 ) -> ExportReport:
-    """Write a SCALES-converted (or FP) ``model`` as ONNX with 1-bit ops to ``path`` (atomically).
+    """Write a converted (or FP) ``model`` as ONNX to ``path`` (atomically): 1-bit ops, or QDQ for FQSR.
 
     ``example_input`` (default: a 1xCx32x32 image, C from the conversion record) fixes the rank and channels;
     batch, height and width of input ``x`` and output ``y`` are dynamic. Returns what was packed and what
     stayed FP. Run the file with `srbinarize.runtime.ort_session` (it registers the kernel library).
+    The metadata records ``srbinarize.input_range``, the RGB range of the network inside (1 or 255); ``x``
+    and ``y`` of the file are in [0, 1] either way (``srbinarize.io_range``), the scaling is in the graph.
     """
+    fqsr = [(n, m) for n, m in model.named_modules() if isinstance(m, (FqsrConv2d, FqsrAdd))]
+    if fqsr:
+        return _export_fqsr(model, fqsr, Path(path), example_input, opset)
     if example_input is None:
         info = getattr(model, "srbinarize_info", None)
         if info is None:
@@ -496,6 +505,7 @@ def export_onnx(
             )
         proto = onnx.load(tmp)
         _finish(proto)
+        _document_range(proto, model)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
@@ -503,6 +513,26 @@ def export_onnx(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    report.file_bytes = path.stat().st_size
+    return report
+
+
+def _document_range(proto: onnx.ModelProto, model: nn.Module) -> None:
+    for key, value in (("srbinarize.input_range", f"{model_input_range(model):g}"), ("srbinarize.io_range", "1")):
+        proto.metadata_props.add(key=key, value=value)
+
+
+def _export_fqsr(model: nn.Module, layers: list, path: Path, example_input: torch.Tensor | None,
+                 opset: int) -> ExportReport:
+    """FQSR models: `srbinarize.export.qdq.export_qdq`, plus the range metadata."""
+    from .qdq import export_qdq
+
+    report = ExportReport(path, qdq=[f"{n}: {type(m).__name__} {m.extra_repr()}" for n, m in layers])
+    with atomic_output(path) as tmp:
+        export_qdq(model, tmp, example_input, opset)
+        proto = onnx.load(tmp)
+        _document_range(proto, model)
+        onnx.save(proto, tmp)
     report.file_bytes = path.stat().st_size
     return report
 

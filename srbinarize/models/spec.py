@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import SrbinarizeError
+from .input_range import check_input_range, with_input_range
 
 #: Packages whose nn.Module classes a file may name without being allowed explicitly.
 BUILTIN_SOURCES: tuple[str, ...] = (
@@ -88,11 +89,14 @@ def check_allowed(target: str, allow: Iterable[str] = (), source: str = "") -> N
 class ModelSpec:
     """An importable ``nn.Module`` class and the keyword arguments that build the FP model.
 
-    ``target`` is ``"package.module:Class"`` (e.g. ``"basicsr.archs.edsr_arch:EDSR"``).
+    ``target`` is ``"package.module:Class"`` (e.g. ``"basicsr.archs.edsr_arch:EDSR"``). ``input_range`` is
+    the RGB range the network takes (1 or 255); `build` wraps a 255 network so that it takes [0, 1]
+    (`srbinarize.models.input_range.ScaledRange`).
     """
 
     target: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    input_range: float = 1.0
 
     def build(self, allow: Iterable[str] = (), source: str = "") -> nn.Module:
         """The module, if its class is allowed (checked before any import) and is an ``nn.Module``.
@@ -121,10 +125,13 @@ class ModelSpec:
             raise ModelSpecError(f"{at}cannot build {self.target}(**{self.kwargs}): {msg}") from None
         if not isinstance(model, nn.Module):
             raise ModelSpecError(f"{at}{self.target}(...) returned a {type(model).__name__}, not an nn.Module")
-        return model
+        return with_input_range(model, self.input_range)
 
     def to_json(self) -> str:
-        return json.dumps({"target": self.target, "kwargs": self.kwargs}, sort_keys=True)
+        data = {"target": self.target, "kwargs": self.kwargs}
+        if self.input_range != 1.0:
+            data["input_range"] = self.input_range
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "model description") -> ModelSpec:
@@ -142,7 +149,7 @@ class ModelSpec:
             split_target(data["target"])
         except ModelSpecError as err:
             raise ModelSpecError(f"{source}: {err}") from None
-        return cls(data["target"], kwargs)
+        return cls(data["target"], kwargs, check_input_range(data.get("input_range", 1.0), f"{source}: input_range"))
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], key: str, source: str) -> ModelSpec:
