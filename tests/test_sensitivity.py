@@ -45,6 +45,10 @@ def test_drops_match_converting_one_layer_alone(setup):
     for layer in report.layers:
         alone = srbinarize.convert(model, "scales", calibration_data=cal, keep_fp=[n for n in BODY if n != layer.name])
         assert report.fp_psnr - crops_psnr(alone, crops) == pytest.approx(layer.drop, abs=1e-6), layer.name
+        fp_alone = srbinarize.convert(model, "scales", calibration_data=cal, keep_fp=[layer.name])
+        assert crops_psnr(fp_alone, crops) - report.converted_psnr == pytest.approx(layer.gain, abs=1e-6), layer.name
+    assert all(math.isfinite(s.gain) for s in report.layers)
+    assert 30 < report.bicubic_psnr < 60  # x2 bicubic of photos (the untrained tiny model is far below it)
     # MAC shares and OPs come from the summary of the full conversion.
     stats = {s.row.name: s for s in srbinarize.summary(full, input_size=(16, 16)).layers}
     for layer in report.layers:
@@ -69,15 +73,22 @@ def test_keep_fp_layers_stay_fp(setup):
         srbinarize.convert(model, "scales", calibration_data=cal, keep_fp=["body.9.conv1"])
 
 
-def test_binary_share_choice_is_met_by_the_conversion(setup):
+@pytest.mark.parametrize("by", ["gain", "drop"])
+def test_binary_share_choice_is_met_by_the_conversion(setup, by):
     model, _crops, cal, report = setup
-    choice = choose_keep_fp(report, binary_share=0.6)
-    # Five equal convs: 0.6 binary leaves room for the two with the largest drops.
-    assert set(choice.keep_fp) == {s.name for s in sorted(report.layers, key=lambda s: -s.drop)[:2]}
+    choice = choose_keep_fp(report, binary_share=0.6, by=by)
+    # Five equal convs: 0.6 binary leaves room for the two with the largest measure.
+    top = sorted(report.layers, key=lambda s: -getattr(s, by))[:2]
+    assert set(choice.keep_fp) == {s.name for s in top if getattr(s, by) > 0}
     mixed = srbinarize.convert(model, "scales", calibration_data=cal, keep_fp=choice.keep_fp)
     assert _body_binary_share(mixed) >= 0.6
     assert choice.binary_share == pytest.approx(_body_binary_share(mixed))
-    assert choice.met and choice.estimated_drop < sum(s.drop for s in report.layers)
+    assert choice.met
+    if by == "gain":
+        full = report.fp_psnr - report.converted_psnr
+        assert choice.estimated_drop == pytest.approx(full - sum(s.gain for s in top if s.gain > 0))
+    else:
+        assert choice.estimated_drop == pytest.approx(sum(s.drop for s in report.layers) - sum(s.drop for s in top))
     assert choose_keep_fp(report, binary_share=1.0).keep_fp == []
     assert choice.set_argument() == "keep_fp=[" + ", ".join(choice.keep_fp) + "]"
 
@@ -85,13 +96,15 @@ def test_binary_share_choice_is_met_by_the_conversion(setup):
 def test_max_drop_choice(setup):
     _model, _crops, _cal, report = setup
     positive = {s.name for s in report.layers if s.drop > 0}
-    assert set(choose_keep_fp(report, max_drop=0.0).keep_fp) == positive
+    assert set(choose_keep_fp(report, max_drop=0.0, by="drop").keep_fp) == positive
     smallest = min(s.drop for s in report.layers)
-    choice = report.keep_fp(max_drop=sum(s.drop for s in report.layers) - smallest / 2)
+    choice = report.keep_fp(max_drop=sum(s.drop for s in report.layers) - smallest / 2, by="drop")
     assert choice.met and len(choice.keep_fp) == 1
-    capped = report.keep_fp(binary_share=0.75, max_drop=0.0)  # the share allows one layer FP: drop not met
+    capped = report.keep_fp(binary_share=0.75, max_drop=0.0, by="drop")  # the share allows one layer FP
     assert len(capped.keep_fp) == 1 and not capped.met
-    for bad in ({}, {"binary_share": 1.5}, {"max_drop": -1.0}):
+    full = report.fp_psnr - report.converted_psnr
+    assert report.keep_fp(max_drop=full).keep_fp == []  # by gain: the full conversion already meets it
+    for bad in ({}, {"binary_share": 1.5}, {"max_drop": -1.0}, {"max_drop": 1.0, "by": "size"}):
         with pytest.raises(SrbinarizeError):
             choose_keep_fp(report, **bad)
 
@@ -101,8 +114,9 @@ def test_linked_recipe_marks_layers_it_cannot_measure_alone():
     model = edsr(num_block=2, num_feat=8, upscale=2).eval()
     report = sensitivity(model, "bam", crops=1, crop_size=16, calibration_data=torch.rand(2, 3, 16, 16))
     linked = [s for s in report.layers if not math.isfinite(s.drop)]
-    assert linked and all("not measured alone" in s.note for s in linked)
-    assert not set(report.keep_fp(max_drop=0.0).keep_fp) & {s.name for s in linked}
+    assert linked and all("not measured alone" in s.note and not math.isfinite(s.gain) for s in linked)
+    for by in ("gain", "drop"):
+        assert not set(report.keep_fp(max_drop=0.0, by=by).keep_fp) & {s.name for s in linked}
 
 
 def test_cli_writes_table_json_and_png(tmp_path, capsys):

@@ -27,6 +27,9 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
                    help="also choose the layers to keep FP so that at least P of the body's MACs stay binary")
     g.add_argument("--max-drop", type=float, metavar="DB",
                    help="also choose the layers to keep FP so that the estimated drop is at most DB")
+    g.add_argument("--by", choices=("gain", "drop"), default="gain",
+                   help="measure the choice adds up: gain (layer alone kept FP, rest converted; default) or drop "
+                   "(layer alone converted, rest FP)")
     g.add_argument("-o", "--output", type=Path, metavar="PREFIX",
                    help="report prefix: writes PREFIX.md, PREFIX.json, PREFIX.png (default: sensitivity_<model>)")
 
@@ -42,7 +45,7 @@ def run_sensitivity(model: nn.Module, args: argparse.Namespace) -> None:
     print(report)
     choices = []
     if args.binary_share is not None or args.max_drop is not None:
-        choices.append(report.keep_fp(binary_share=args.binary_share, max_drop=args.max_drop))
+        choices.append(report.keep_fp(binary_share=args.binary_share, max_drop=args.max_drop, by=args.by))
         print(f"\n{choices[0]}")
     prefix = args.output or Path(f"sensitivity_{name}")
     print("wrote " + ", ".join(map(str, write_report(report, prefix, _command(args), choices))))
@@ -60,7 +63,7 @@ def _command(args: argparse.Namespace) -> list[str]:
     cmd += ["--crops", str(args.crops), "--crop-size", str(args.crop_size), "--input-range", f"{args.input_range:g}"]
     for flag, value in (("--binary-share", args.binary_share), ("--max-drop", args.max_drop)):
         if value is not None:
-            cmd += [flag, f"{value:g}"]
+            cmd += [flag, f"{value:g}", "--by", args.by]
     if args.output:
         cmd += ["-o", str(args.output)]
     return cmd

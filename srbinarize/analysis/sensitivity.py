@@ -32,7 +32,7 @@ from ..models.load import model_scale
 from ..recipe import Recipe, load_recipe
 from ..summary import summary
 from ..train.data import EvalSet, degrade_window, modcrop, to_float
-from ..train.metrics import psnr_ssim_y, tensor_to_uint8
+from ..train.metrics import bicubic_upscale, psnr_ssim_y, tensor_to_uint8
 
 if TYPE_CHECKING:
     from .mixed import MixedChoice
@@ -122,6 +122,8 @@ class LayerSensitivity:
     module: str  # the original layer, e.g. "Conv2d 48->48 3x3"
     became: str
     drop: float  # dB below the FP model on the crops (negative: converting it helped); nan: not measured
+    # dB regained when this layer alone stays FP and every other one is converted (leave-one-out); nan: not measured
+    gain: float
     macs: int  # of the FP layer at the crop size (summary)
     ops: float  # OPs of the converted layer (BOPs/64 + FLOPs, side branches included)
     note: str = ""
@@ -145,6 +147,7 @@ class SensitivityReport:
     input_range: float
     fp_psnr: float
     converted_psnr: float  # every layer the recipe replaces converted at once
+    bicubic_psnr: float  # MATLAB-style bicubic upscaling of the same crops (the floor)
     layers: list[LayerSensitivity]
     total_macs: int  # all conv / linear layers of the model (summary)
     target_macs: int  # conv / linear layers with a role the recipe targets (the body's MACs)
@@ -165,8 +168,9 @@ class SensitivityReport:
         """Plan order; ``rank`` 1 is the largest drop."""
         ranked = sorted((s for s in self.layers if math.isfinite(s.drop)), key=lambda s: -s.drop)
         rank = {s.name: i + 1 for i, s in enumerate(ranked)}
-        head = ("layer", "role", "original", "became", "drop dB", "rank", "MACs %", "speed-up", "note")
-        body = [(s.name, s.role, s.module, s.became, f"{s.drop:.3f}", str(rank.get(s.name, "-")),
+        head = ("layer", "role", "original", "became", "drop dB", "rank", "gain kept FP dB", "MACs %", "speed-up",
+                "note")
+        body = [(s.name, s.role, s.module, s.became, f"{s.drop:.3f}", str(rank.get(s.name, "-")), f"{s.gain:.3f}",
                  f"{100 * self.mac_share(s):.2f}", f"{s.speedup:.1f}x", s.note) for s in self.layers]
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
@@ -182,7 +186,9 @@ class SensitivityReport:
             f"{self.model}, recipe {self.recipe}, x{self.scale}: PSNR-Y on {self.crops} crops of "
             f"{self.crop_size}x{self.crop_size} LR from {self.images}",
             f"FP {self.fp_psnr:.3f} dB; all {len(self.layers)} layers converted {self.converted_psnr:.3f} dB "
-            f"(sum of single-layer drops {sum(s.drop for s in self.layers if math.isfinite(s.drop)):.3f} dB)",
+            f"(sum of single-layer drops {sum(s.drop for s in self.layers if math.isfinite(s.drop)):.3f} dB); "
+            f"bicubic {self.bicubic_psnr:.3f} dB",
+            "drop: the layer alone converted, the rest FP; gain kept FP: the layer alone FP, the rest converted",
             f"replaced layers hold {100 * share:.1f}% of the MACs of roles {list(self.target_roles)} "
             f"({100 * self.binary_macs / max(self.total_macs, 1):.1f}% of the model's)",
             f"measured in {self.seconds:.1f} s on {self.threads} threads"
@@ -209,11 +215,13 @@ class SensitivityReport:
         path = Path(path)
         names = [s.name for s in self.layers]
         drops = [s.drop if math.isfinite(s.drop) else 0.0 for s in self.layers]
+        gains = [s.gain if math.isfinite(s.gain) else 0.0 for s in self.layers]
         shares = [100 * self.mac_share(s) for s in self.layers]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names) + 2), 4.8))
         x = np.arange(len(names))
-        ax.bar(x, drops, color="tab:red", label="PSNR-Y drop, layer alone converted (dB)")
-        ax.set_ylabel("PSNR-Y drop (dB)")
+        ax.bar(x - 0.2, drops, 0.4, color="tab:red", label="drop: layer alone converted (dB)")
+        ax.bar(x + 0.2, gains, 0.4, color="tab:orange", label="gain: layer alone kept FP, rest converted (dB)")
+        ax.set_ylabel("PSNR-Y (dB)")
         ax.set_xticks(x, names, rotation=90, fontsize=6)
         ax.set_xlim(-0.6, len(names) - 0.4)
         twin = ax.twinx()
@@ -222,8 +230,9 @@ class SensitivityReport:
         twin.set_ylim(bottom=0)
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
-        ax.set_title(f"{self.model} / {self.recipe} x{self.scale}: FP {self.fp_psnr:.2f} dB, "
-                     f"all converted {self.converted_psnr:.2f} dB ({self.crops} crops {self.crop_size}px)",
+        ax.set_title(f"{self.model} / {self.recipe} x{self.scale}: FP {self.fp_psnr:.2f} dB, all converted "
+                     f"{self.converted_psnr:.2f} dB, bicubic {self.bicubic_psnr:.2f} dB ({self.crops} crops "
+                     f"{self.crop_size}px)",
                      fontsize=9)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,11 +242,11 @@ class SensitivityReport:
         tmp.replace(path)
         return path
 
-    def keep_fp(self, binary_share: float | None = None, max_drop: float | None = None):
+    def keep_fp(self, binary_share: float | None = None, max_drop: float | None = None, by: str = "gain"):
         """The layers to keep FP for a target; see `srbinarize.analysis.mixed.choose_keep_fp`."""
         from .mixed import choose_keep_fp
 
-        return choose_keep_fp(self, binary_share=binary_share, max_drop=max_drop)
+        return choose_keep_fp(self, binary_share=binary_share, max_drop=max_drop, by=by)
 
 
 def sensitivity(
@@ -254,7 +263,8 @@ def sensitivity(
     seed: int = 0,
     **overrides: Any,
 ) -> SensitivityReport:
-    """PSNR-Y drop of each layer ``recipe`` replaces when that layer alone is converted (calibrated, no training).
+    """PSNR-Y drop of each layer ``recipe`` replaces when that layer alone is converted (calibrated, no training),
+    and the PSNR-Y it gives back when it alone stays FP in the full conversion.
 
     ``images``: `Crops`, an image folder or None (see `calibration_crops`). ``input_range``: the model takes
     RGB in [0, input_range] (inputs and calibration data are scaled, outputs divided). ``calibration_data``:
@@ -289,16 +299,13 @@ def sensitivity(
             continue
         new, old = new_modules[row.name], fp_modules[row.name]
         s = stats[row.name]
-        entry = LayerSensitivity(row.name, row.role, row.module, row.replaced_by, math.nan, s.macs,
+        entry = LayerSensitivity(row.name, row.role, row.module, row.replaced_by, math.nan, math.nan, s.macs,
                                  s.bops / 64 + s.flops)
         if new.extra_inputs():
             entry.note = f"reads the inputs of {new.extra_inputs()}: not measured alone"
         else:
-            fp.set_submodule(row.name, new)
-            try:
-                entry.drop = fp_psnr - crops_psnr(fp, data, input_range)
-            finally:
-                fp.set_submodule(row.name, old)
+            entry.drop = fp_psnr - _swapped_psnr(fp, row.name, new, old, data, input_range)
+            entry.gain = _swapped_psnr(converted, row.name, old, new, data, input_range) - converted_psnr
         layers.append(entry)
     roles = recipe.targets.roles
     all_stats = list(stats.values())
@@ -312,6 +319,7 @@ def sensitivity(
         input_range=input_range,
         fp_psnr=fp_psnr,
         converted_psnr=converted_psnr,
+        bicubic_psnr=bicubic_psnr(data),
         layers=layers,
         total_macs=sum(s.macs for s in all_stats if s.row.kind != "add"),
         target_macs=sum(s.macs for s in all_stats if s.row.kind != "add" and s.row.role in roles),
@@ -320,6 +328,25 @@ def sensitivity(
         threads=torch.get_num_threads(),
         load=load,
     )
+
+
+def _swapped_psnr(model: nn.Module, name: str, swap_in: nn.Module, back: nn.Module, crops: Crops,
+                  input_range: float) -> float:
+    """PSNR-Y of ``model`` with its layer ``name`` replaced by ``swap_in`` for the measurement, then ``back``."""
+    model.set_submodule(name, swap_in)
+    try:
+        return crops_psnr(model, crops, input_range)
+    finally:
+        model.set_submodule(name, back)
+
+
+def bicubic_psnr(crops: Crops) -> float:
+    """Mean PSNR-Y of MATLAB-style bicubic upscaling of the crops."""
+    scores = []
+    for lr, hr, grey in zip(crops.lr, crops.hr, crops.grey, strict=True):
+        up = bicubic_upscale(tensor_to_uint8(lr), crops.scale)
+        scores.append(psnr_ssim_y(up, hr, crops.scale, ssim=False, grey=grey)[0])
+    return float(np.mean(scores))
 
 
 def _loadavg() -> str:
@@ -349,7 +376,7 @@ def write_report(
     md += report.table(markdown=True) + "\n"
     for choice in choices:
         md += f"\nMixed precision, {choice}\n"
-    record = {**report.to_dict(), "command": list(command) if command else None, "cpu": _cpu(),
+    record = {**report.to_dict(), "command": list(command) if command else None, "cpu": cpu_description(),
               "mixed": [asdict(c) for c in choices]}
     paths = []
     for suffix, text in ((".md", md), (".json", json.dumps(record, indent=1))):
@@ -362,7 +389,8 @@ def write_report(
     return paths
 
 
-def _cpu() -> str:
+def cpu_description() -> str:
+    """The CPU model and the number of cores visible (for benchmark records)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
