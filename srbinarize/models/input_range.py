@@ -121,18 +121,45 @@ def detect_input_range(model: nn.Module, name: str | None = None, x: torch.Tenso
     return best, f"{name}: input range [0, {best:g}] detected (mean |downscaled output - input| {seen})"
 
 
-def resolve_input_range(model: nn.Module, given: float | None = None, name: str | None = None
+def resolve_input_range(model: nn.Module, given: object = None, name: str | None = None, strict: bool = False
                         ) -> tuple[nn.Module, float, str]:
-    """``model`` as a [0, 1] model, its range (given, else detected) and a sentence saying which."""
+    """``model`` as a [0, 1] model, its range (given, else detected) and one sentence saying which.
+
+    When detection finds no range, ``strict`` raises its `InputRangeError`; otherwise [0, 1] (what the
+    pipeline assumed before) is used and the sentence says so, with what was seen.
+    """
+    name = name or type(model).__name__
     if given is not None:
         r = check_input_range(given, "--input-range")
-        message = f"{name or type(model).__name__}: input range [0, {r:g}] (given)"
+        message = f"{name}: input range [0, {r:g}] (given)"
+    elif isinstance(model, ScaledRange):
+        r, message = model.input_range, f"{name}: input range [0, {model.input_range:g}] (from its description)"
     else:
-        r, message = detect_input_range(model, name)
+        try:
+            r, message = detect_input_range(model, name)
+        except InputRangeError as err:
+            if strict:
+                raise
+            r, message = 1.0, f"warning: {err}; using [0, 1]"
     return with_input_range(model, r), r, message
 
 
+def load_pretrained_in_range(source: str, input_range: object = None, **kwargs) -> tuple[nn.Module, object, str]:
+    """`srbinarize.models.load_pretrained` followed by `resolve_input_range`.
+
+    Returns the model as a [0, 1] model, its `ModelSpec` carrying the range (so checkpoints rebuild it
+    wrapped) and the sentence to show.
+    """
+    from dataclasses import replace
+
+    from .load import load_pretrained
+
+    model, spec = load_pretrained(source, **kwargs)
+    model, r, message = resolve_input_range(model, input_range, name=str(source))
+    return model, replace(spec, input_range=r), message
+
+
 __all__ = [
-    "InputRangeError", "ScaledRange", "check_input_range", "detect_input_range", "model_input_range",
-    "probe_patches", "resolve_input_range", "with_input_range",
+    "InputRangeError", "ScaledRange", "check_input_range", "detect_input_range", "load_pretrained_in_range",
+    "model_input_range", "probe_patches", "resolve_input_range", "with_input_range",
 ]
