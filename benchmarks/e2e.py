@@ -1,11 +1,20 @@
-"""End-to-end benchmark: SCALES EDSR x2 exported with 1-bit srbinarize ops against the FP EDSR from torch's exporter.
+"""End-to-end benchmark: the srbinarize export against FP32 and against onnxruntime's own int8, in one run.
 
-EDSR x2 (basicsr, 16 blocks, 64 channels, random weights: speed does not depend on them) runs on one
-1x3x256x256 input in onnxruntime, FP32 and binary sessions with the same thread count, runs interleaved
-(so background load hits both alike), one warm-up each; the table reports medians and the ratio FP32 / binary,
-and the file sizes. Results go to stdout and benchmarks/results/e2e.md.
+For each model three ONNX files run in onnxruntime on the same input with the same session options
+(intra-op spinning off for every session, so that alternating sessions do not steal each other's cores):
 
-    python benchmarks/e2e.py [--threads 1 2] [--runs 10]
+- FP32: torch's exporter (TorchScript, opset 17);
+- ORT int8: ``onnxruntime.quantization.quantize_static`` of that file (QDQ, per-channel QInt8 weights,
+  QUInt8 activations, MinMax calibration on LR patches of BSD100, the finetuning split) -- the one-call
+  alternative a user has;
+- SCALES: ``srbinarize.convert(model, "scales")`` written by `export_onnx`.
+
+Runs are interleaved (background load hits all alike), one warm-up each; the table reports medians and the
+speed-up of SCALES over both peers. Models: basicsr EDSR x2 16x64 (random weights: speed does not depend on
+them) on 1x3x256x256, and the lightweight ``team01_efdn`` x4 from ``../shared/models`` on 1x3x128x128 (skipped
+when absent). Results go to stdout and benchmarks/results/e2e.md.
+
+    python benchmarks/e2e.py [--threads 1 2] [--runs 10] [--models edsr efdn]
 """
 
 from __future__ import annotations
@@ -26,15 +35,54 @@ from kernels import cpu_description, interleaved_medians  # benchmarks/kernels.p
 from srbinarize.export.onnx import export_onnx
 from srbinarize.export.qdq import fp32_onnx
 from srbinarize.runtime import kernel_path, ort_session
+from srbinarize.train.evaluate import write_report
 
-OUT = Path(__file__).resolve().parent / "results" / "e2e.md"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "e2e.md"
+SHARED = ROOT.parent / "shared"
+NO_SPIN = {"session.intra_op.allow_spinning": "0"}
+
+
+def patches(scale: int, count: int, size: int, seed: int = 0) -> np.ndarray:
+    """`count` random size x size crops of BSD100's LR x`scale` images (scale 1: the HR images),
+    (N, 3, size, size) in [0, 1]."""
+    from PIL import Image
+
+    folder = SHARED / "data" / "BSD100" / ("HR" if scale == 1 else f"LR_bicubic/X{scale}")
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise SystemExit(f"no images in {folder}: the calibration patches and the input come from there")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        img = np.asarray(Image.open(files[i * 7 % len(files)]).convert("RGB"), np.float32) / 255
+        y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
+        out.append(img[y:y + size, x:x + size].transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def ort_int8(fp32_path: Path, out: Path, patches: np.ndarray) -> Path:
+    """onnxruntime's static QDQ quantization of `fp32_path`, calibrated on `patches` one at a time."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(patches[i:i + 1] for i in range(len(patches)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch}
+
+    quantize_static(str(fp32_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return out
 
 
 def time_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[str, float]:
     """Mean ms per run spent in each op type (onnxruntime's profiler, after one warm-up run)."""
     with tempfile.TemporaryDirectory() as tmp:
-        session = ort_session(path, intra_op_num_threads=threads, inter_op_num_threads=1, enable_profiling=True,
-                              profile_file_prefix=str(Path(tmp) / "profile"))
+        session = ort_session(path, config=NO_SPIN, intra_op_num_threads=threads, inter_op_num_threads=1,
+                              enable_profiling=True, profile_file_prefix=str(Path(tmp) / "profile"))
         for _ in range(runs + 1):
             session.run(None, {"x": x})
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -46,78 +94,105 @@ def time_by_op(path: Path, x: np.ndarray, threads: int, runs: int = 3) -> dict[s
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def edsr() -> tuple[torch.nn.Module, int, int, str]:
+    from basicsr.archs.edsr_arch import EDSR
+
+    torch.manual_seed(0)
+    return EDSR(3, 3, num_feat=64, num_block=16, upscale=2).eval(), 2, 256, "basicsr EDSR x2 16x64, random weights"
+
+
+def efdn() -> tuple[torch.nn.Module, int, int, str] | None:
+    folder = SHARED / "models" / "team01_efdn"
+    if not (folder / "team01_efdn_x4.safetensors").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(folder))
+    from team01_efdn import EFDN
+
+    model = EFDN()
+    model.load_state_dict(load_file(str(folder / "team01_efdn_x4.safetensors")), strict=True)
+    return model.eval(), 4, 128, "team01_efdn x4 (NTIRE 2022 ESR), pretrained"
+
+
+def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads: list[int], runs: int,
+              tmp: Path) -> dict:
+    calib = torch.from_numpy(patches(scale, 8, 48, seed=1))
+    binary = srbinarize.convert(model, "scales", calibration_data=calib)
+    x = patches(1, 1, size, seed=2)  # a natural image of the timed size
+    example = torch.rand(1, 3, 32, 32)
+    paths = {"fp32": fp32_onnx(model, tmp / f"{name}_fp32.onnx", example)}
+    paths["int8"] = ort_int8(paths["fp32"], tmp / f"{name}_int8.onnx", patches(scale, 8, 64, seed=3))
+    report = export_onnx(binary, tmp / f"{name}_scales.onnx", example)
+    paths["scales"] = report.path
+    rows = []
+    for t in threads:
+        load = open("/proc/loadavg").read().split()[:3]
+        sessions = {k: ort_session(p, config=NO_SPIN, intra_op_num_threads=t, inter_op_num_threads=1)
+                    for k, p in paths.items()}
+        ms = interleaved_medians(sessions, {"x": x}, runs)
+        del sessions
+        rows.append({"threads": t, "loadavg": " ".join(load), **ms})
+        print(name, rows[-1], flush=True)
+    profile = {k: time_by_op(paths[k], x, threads[0]) for k in ("int8", "scales")}
+    return {"rows": rows, "profile": profile, "packed": len(report.packed), "fp": len(report.fp),
+            "bytes": {k: p.stat().st_size for k, p in paths.items()}}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runs", type=int, default=10, help="timed runs per model (median reported)")
-    parser.add_argument("--size", type=int, default=256, help="input height and width")
+    parser.add_argument("--models", nargs="+", choices=("edsr", "efdn"), default=["edsr", "efdn"])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    if args.runs < 10:
-        raise SystemExit("--runs must be at least 10")
-
-    from basicsr.archs.edsr_arch import EDSR
-
-    torch.manual_seed(0)
-    fp = EDSR(3, 3, num_feat=64, num_block=16, upscale=2).eval()
-    binary = srbinarize.convert(fp, "scales")
-    x = np.random.default_rng(0).random((1, 3, args.size, args.size), dtype=np.float32)
-    load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1/5/15 min, {os.cpu_count()} CPUs)"
-    rows = []
+    if args.runs < 5:
+        raise SystemExit("--runs must be at least 5")
+    results, titles = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        fp_path = fp32_onnx(fp, Path(tmp) / "edsr_fp32.onnx", torch.rand(1, 3, 32, 32))
-        report = export_onnx(binary, Path(tmp) / "edsr_scales.onnx", torch.rand(1, 3, 32, 32))
-        sizes = fp_path.stat().st_size, report.file_bytes
-        for threads in args.threads:
-            sessions = {
-                name: ort_session(path, intra_op_num_threads=threads, inter_op_num_threads=1)
-                for name, path in (("fp32", fp_path), ("scales", report.path))
-            }
-            ms = interleaved_medians(sessions, {"x": x}, args.runs)
-            del sessions
-            rows.append(f"| {threads} | {ms['fp32']:.1f} | {ms['scales']:.1f} | {ms['fp32'] / ms['scales']:.2f}x |")
-            print(rows[-1], flush=True)
-        profile = {name: time_by_op(path, x, args.threads[0]) for name, path in (("FP32", fp_path),
-                                                                                  ("SCALES", report.path))}
+        for name in args.models:
+            case = edsr() if name == "edsr" else efdn()
+            if case is None:
+                print(f"{name}: ../shared/models/team01_efdn not found, skipped")
+                continue
+            model, scale, size, title = case
+            titles[name] = f"{title}; input 1x3x{size}x{size}"
+            results[name] = run_model(name, model, scale, size, args.threads, args.runs, Path(tmp))
 
     import onnxruntime
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *(argv or sys.argv[1:])])
     nice = os.nice(0)
-    text = "\n".join(
-        [
-            "# End-to-end benchmark: SCALES EDSR x2 vs FP32 EDSR x2 in onnxruntime",
+    lines = [
+        "# End-to-end benchmark: SCALES export vs FP32 and vs onnxruntime's own int8",
+        "",
+        f"Command: `{command}`" + (f" (under `nice -n {nice}`)" if nice else "") + "  ",
+        f"CPU: {cpu_description()}; srbinarize kernel path: {kernel_path()}  ",
+        f"onnxruntime {onnxruntime.__version__}; intra-op spinning off for every session; median of {args.runs}"
+        " runs per model, the three models' runs interleaved; load average (1/5/15 min) read before each row."
+        " ORT int8 = `quantize_static` (QDQ, per-channel QInt8 weights, QUInt8 activations, 8 LR patches of"
+        " BSD100 64x64).",
+        "",
+    ]
+    for name, r in results.items():
+        lines += [
+            f"## {titles[name]}",
             "",
-            f"Command: `{command}`" + (f" (under `nice -n {nice}`)" if nice else "") + "  ",
-            f"CPU: {cpu_description()}; srbinarize kernel path: {kernel_path()}  ",
-            f"Load average before the run: {load} (the machine is shared with other work)  ",
-            f"onnxruntime {onnxruntime.__version__}; basicsr EDSR x2, 16 blocks, 64 channels, random weights; input"
-            f" 1x3x{args.size}x{args.size}; FP32: torch's exporter (TorchScript, opset 17); SCALES: `export_onnx`"
-            f" ({len(report.packed)} BinaryConv2d ops, head and upsampler FP32). Median of {args.runs} runs per"
-            " model, FP32 and SCALES runs interleaved, same session options; speed-up = FP32 ms / SCALES ms.",
+            f"SCALES export: {r['packed']} binary ops, {r['fp']} entries kept FP.",
             "",
-            "| threads | FP32 ms | SCALES ms | speed-up |",
-            "|---|---|---|---|",
-            *rows,
+            "| threads | loadavg | FP32 ms | ORT int8 ms | SCALES ms | SCALES / FP32 | SCALES / ORT int8 |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {row['threads']} | {row['loadavg']} | {row['fp32']:.1f} | {row['int8']:.1f} | {row['scales']:.1f} |"
+              f" {row['fp32'] / row['scales']:.2f}x | {row['int8'] / row['scales']:.2f}x |" for row in r["rows"]),
             "",
-            "| file | bytes | ratio |",
-            "|---|---|---|",
-            f"| FP32 EDSR x2 | {sizes[0]:,} | 1.00x |",
-            f"| SCALES EDSR x2 | {sizes[1]:,} | {sizes[0] / sizes[1]:.2f}x smaller |",
+            "File bytes: " + ", ".join(f"{k} {v:,}" for k, v in r["bytes"].items()) + "  ",
+            f"Where the time goes ({args.threads[0]} thread(s), onnxruntime profiler, mean of 3 runs, ms by op type):",
             "",
-            f"Where the time goes ({args.threads[0]} thread(s), onnxruntime profiler, mean of 3 runs after a warm-up;"
-            " ms per run by op type, top 6):",
-            "",
-            "| model | " + " | ".join(f"op {i + 1}" for i in range(6)) + " |",
-            "|---|" + "---|" * 6,
-            *(f"| {name} | " + " | ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:6]) + " |"
-              for name, ops in profile.items()),
+            *(f"- {k}: " + ", ".join(f"{op} {ms:.1f}" for op, ms in list(ops.items())[:7])
+              for k, ops in r["profile"].items()),
             "",
         ]
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_report(args.out, "\n".join(lines), {"command": command, "cpu": cpu_description(), "results": results})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ For each thread count and each kernel path this CPU supports, the binary op and 
 the same input, interleaved run by run (so background load hits both alike), one pair of sessions at
 a time; the table reports medians and the ratio FP32 / binary. Results go to stdout and benchmarks/results/kernels.md.
 
-    python benchmarks/kernels.py [--threads 1 2] [--runs 15] [--paths avx2 scalar]
+    python benchmarks/kernels.py [--threads 1 2] [--runs 15] [--paths avx2 scalar] [--channels 64 48 24]
+
+Intra-op spinning is off for both sessions unless --spinning (on a shared 2-core machine two spinning
+pools that alternate steal the cores from each other); the load average is recorded with every row.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from srbinarize.runtime.opmodels import conv_model, fp32_conv_model, fp32_linear
 from srbinarize.runtime.packing import pack_conv_weight, pack_linear_weight
 
 OUT = Path(__file__).resolve().parent / "results" / "kernels.md"
-FLAGS = ("popcnt", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq")
+FLAGS = ("popcnt", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq", "avx512_vnni")
 
 
 def cpu_description() -> str:
@@ -42,7 +45,7 @@ def cpu_description() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs; flags: {have}"
 
 
-CONFIG = {}  # session config entries (--no-spinning: {"session.intra_op.allow_spinning": "0"})
+CONFIG = {"session.intra_op.allow_spinning": "0"}  # session config entries (--spinning: none)
 
 
 def session(model: bytes, threads: int, path: str | None = None):
@@ -64,8 +67,8 @@ def interleaved_medians(sessions: dict, feeds: dict, runs: int) -> dict:
     return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
-def conv_case(rng):
-    n, c, o, k, h, w = 1, 64, 64, 3, 256, 256
+def conv_case(rng, c: int = 64):
+    n, o, k, h, w = 1, c, 3, 256, 256
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     weight = rng.standard_normal((o, c, k, k)).astype(np.float32) * 0.05
     bias = rng.standard_normal(o).astype(np.float32)
@@ -92,12 +95,15 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=15, help="timed runs per op (median reported)")
     parser.add_argument("--paths", nargs="+", choices=KERNEL_PATHS, help="kernel paths (default: all supported)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--channels", type=int, nargs="+", default=[64, 48], help="conv channels (in = out)")
+    parser.add_argument("--no-linear", action="store_true", help="skip the BinaryLinear case")
     parser.add_argument(
-        "--no-spinning", action="store_true", help="idle intra-op threads sleep (both ops; for a busy machine)"
+        "--spinning", action="store_true", help="idle intra-op threads spin (onnxruntime's default; both ops)"
     )
+    parser.add_argument("--no-spinning", action="store_true", help=argparse.SUPPRESS)  # the default now
     args = parser.parse_args(argv)
-    if args.no_spinning:
-        CONFIG["session.intra_op.allow_spinning"] = "0"
+    if args.spinning:
+        CONFIG.clear()
     paths = [p for p in (args.paths or KERNEL_PATHS) if kernel_supported(p)]
     if not paths:
         raise SystemExit("none of the requested kernel paths is supported by this CPU")
@@ -106,16 +112,18 @@ def main(argv=None) -> None:
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg()) + f" (1/5/15 min, {os.cpu_count()} CPUs)"
     rng = np.random.default_rng(0)
     rows = []
-    for title, x, fp32_model, binary_model in (conv_case(rng), linear_case(rng)):
+    cases = [conv_case(rng, c) for c in args.channels] + ([] if args.no_linear else [linear_case(rng)])
+    for title, x, fp32_model, binary_model in cases:
         for threads in args.threads:
             for p in paths:
                 # One pair of sessions at a time: the idle thread pools of other sessions would spin on
                 # the same cores.
                 sessions = {"fp32": session(fp32_model, threads), p: session(binary_model, threads, p)}
+                now = " ".join(Path("/proc/loadavg").read_text().split()[:3])
                 ms = interleaved_medians(sessions, {"X": x}, args.runs)
                 del sessions
                 rows.append(
-                    f"| {title} | {threads} | {p} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ms['fp32'] / ms[p]:.2f}x |"
+                    f"| {title} | {threads} | {p} | {now} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ms['fp32'] / ms[p]:.2f}x |"
                 )
                 print(rows[-1], flush=True)
     if forced is None:
@@ -139,14 +147,16 @@ def main(argv=None) -> None:
             " speed-up = FP32 ms / binary ms. Binary ops include binarizing and packing the FP32 input and the"
             " fused scale + bias epilogue; the FP32 ops include their bias.",
             "",
-            "| op | threads | kernel path | onnxruntime FP32 ms | srbinarize ms | speed-up |",
-            "|---|---|---|---|---|---|",
+            "| op | threads | kernel path | loadavg before | onnxruntime FP32 ms | srbinarize ms | speed-up |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(report)
+    tmp.replace(args.out)
     print(f"\nwritten to {args.out}")
 
 

@@ -91,6 +91,6 @@ void dot_tile(const DotTile& a) {
 }  // namespace
 
 const Kernels kAvx2Kernels = {"avx2", 2, pack_planar, pack_tokens, weight_words, pack_weights,
-                              dot_tile};
+                              dot_tile, nullptr, nullptr};
 
 }  // namespace srb

@@ -67,9 +67,121 @@ void dot_tile(const DotTile& a) {
   }
 }
 
+#ifndef _mm512_popcnt_epi64  // the real instructions (the emulated test build leaves the fused path out)
+// GCC 12's own AVX-512 headers trip -Wmaybe-uninitialized (their `__Y = __Y` idiom) once inlined here.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// ---- fused convolution rows (ConvRow) ----
+
+// Planar FP32 rows -> line layout. Groups of 8 channels, each streamed through all rows (8 input
+// streams at a time); for 16 pixels, each channel's compare mask sets its bit in the 16 words (8 per
+// register) of its word, which the first group of a word stores and the others update.
+void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                const float* threshold, uint64_t* out, ptrdiff_t line) {
+  const int words = (channels + 63) / 64;
+  for (int c0 = 0; c0 < channels; c0 += 8) {
+    const int c1 = channels < c0 + 8 ? channels : c0 + 8, k = c0 / 64;
+    const __m512i first_bit = _mm512_set1_epi64(static_cast<long long>(1ULL << (c0 % 64)));
+    for (int r = 0; r < rows; ++r) {
+      uint64_t* dst = out + (ptrdiff_t(r) * words + k) * line;
+      const float* src = x + ptrdiff_t(r) * width;
+      for (int p = 0; p < width; p += 16) {
+        const int np = width - p < 16 ? width - p : 16;
+        const __mmask16 valid = np == 16 ? __mmask16(0xffff) : __mmask16((1u << np) - 1);
+        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+        if (c0 % 64) {
+          lo = _mm512_maskz_loadu_epi64(__mmask8(valid), dst + p);
+          hi = _mm512_maskz_loadu_epi64(__mmask8(valid >> 8), dst + p + 8);
+        }
+        __m512i bit = first_bit;
+        for (int c = c0; c < c1; ++c) {
+          _mm_prefetch(reinterpret_cast<const char*>(src + c * channel_stride + p + 128), _MM_HINT_T0);
+          const __m512 v = _mm512_maskz_loadu_ps(valid, src + c * channel_stride + p);
+          const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(threshold[c]), _CMP_GE_OQ);
+          lo = _mm512_mask_or_epi64(lo, __mmask8(m), lo, bit);
+          hi = _mm512_mask_or_epi64(hi, __mmask8(m >> 8), hi, bit);
+          bit = _mm512_add_epi64(bit, bit);
+        }
+        _mm512_mask_storeu_epi64(dst + p, __mmask8(valid), lo);
+        _mm512_mask_storeu_epi64(dst + p + 8, __mmask8(valid >> 8), hi);
+      }
+    }
+  }
+}
+
+// 16 output values of channel o from two 8-pixel count vectors, in the op's fp32 order; lanes from
+// pixel p + rem on are neither loaded nor stored.
+inline void row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1) {
+  const __mmask16 m = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+  const __m512i counts = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)),
+                                            _mm512_cvtepi64_epi32(c1), 1);
+  __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a.full), _mm512_slli_epi32(counts, 1));
+  if (a.fix && (p < a.fix_lo || p + 16 > a.fix_hi))
+    d = _mm512_add_epi32(d, _mm512_maskz_loadu_epi32(m, a.fix + o * a.fix_ld + p));
+  __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.scale[o]));
+  if (a.spatial) t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, a.spatial + p));
+  if (a.channel) t = _mm512_mul_ps(t, _mm512_set1_ps(a.channel[o]));
+  if (a.bias) t = _mm512_add_ps(t, _mm512_set1_ps(a.bias[o]));
+  if (a.skip) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.skip + o * a.plane + p));
+  float* out = a.y + o * a.plane + p;
+  if (m == 0xffff && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
+    _mm512_stream_ps(out, t);  // the output is not read back here: no read-for-ownership of its lines
+  } else {
+    _mm512_mask_storeu_ps(out, m, t);
+  }
+}
+
+// 8 * V pixels from p x 4 output channels at a time: per step V input vectors and 4 broadcast weight
+// words feed 4 * V accumulators (vpopcntq on 8 pixels each), which stay in registers.
+template <int V>
+inline void row_tile(const ConvRow& a, int p, int np) {
+  const int steps = a.steps;
+  const uint64_t* x = a.x + p;
+  for (int o0 = 0; o0 < a.out_channels; o0 += 4) {
+    __m512i acc[4][V];
+#pragma GCC unroll 16
+    for (int i = 0; i < 4 * V; ++i) acc[i / V][i % V] = _mm512_setzero_si512();
+    const uint64_t* w = a.w + ptrdiff_t(o0) * steps;
+    for (int s = 0; s < steps; ++s) {
+      const uint64_t* xs = x + a.offset[s];
+      __m512i xv[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_si512(xs + 8 * v);
+#pragma GCC unroll 4
+      for (int oc = 0; oc < 4; ++oc) {
+        const __m512i wb = _mm512_set1_epi64(static_cast<long long>(w[oc * steps + s]));
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v)
+          acc[oc][v] = _mm512_add_epi64(acc[oc][v], _mm512_popcnt_epi64(_mm512_xor_si512(xv[v], wb)));
+      }
+    }
+#pragma GCC unroll 4
+    for (int oc = 0; oc < 4; ++oc) {
+      if (o0 + oc >= a.out_channels) break;
+#pragma GCC unroll 2
+      for (int v = 0; v < V; v += 2) row_epilogue(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1]);
+    }
+  }
+}
+
+void conv_row(const ConvRow& a) {
+  for (int p = 0; p < a.width; p += 32) {
+    const int np = a.width - p < 32 ? a.width - p : 32;
+    if (np > 16) {
+      row_tile<4>(a, p, np);
+    } else {
+      row_tile<2>(a, p, np);
+    }
+  }
+  _mm_sfence();  // the streaming stores are visible before the row's task ends
+}
+#define SRB_CONV_ROW pack_lines, conv_row
+#else
+#define SRB_CONV_ROW nullptr, nullptr
+#endif
+
 }  // namespace
 
 const Kernels kAvx512Kernels = {"avx512", 1, pack_planar, pack_tokens, weight_words, pack_weights,
-                                dot_tile};
+                                dot_tile, SRB_CONV_ROW};
 
 }  // namespace srb

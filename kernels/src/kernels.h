@@ -37,6 +37,33 @@ struct DotTile {
   bool pixel_major;  // counts[p * ld + o] instead of counts[o * ld + p]
 };
 
+// ConvRow: one output row of a convolution with the epilogue fused (used where Kernels::conv_row is
+// set). Packed input "lines": word k of padded column q (q = w + KW / 2, zero outside the image) of
+// window row i is x[(i * words + k) * line + q]; line >= round_up(width, 32) + KW - 1, and the columns
+// past the image are 0. For output pixel p and channel o:
+//   count = sum over steps s = (i, j, k) of popcount(x[offset[s] + p] ^ w[o][s]),
+//   offset[s] = (i * words + k) * line + j
+//   d = full - 2 * count (+ fix[o * fix_ld + p] when fix and (p < fix_lo or p >= fix_hi))
+//   y[o * plane + p] = epilogue(d) in the op's fp32 order (kernels/README.md).
+struct ConvRow {
+  const uint64_t* x;
+  ptrdiff_t line;
+  const ptrdiff_t* offset;  // [steps]
+  int steps, width, out_channels;
+  const uint64_t* w;  // [round_up(O, 4)][steps] (= [KH][KW][words]), rows past O all 0
+  int32_t full;       // KH * KW * C
+  const int32_t* fix;  // [O][fix_ld >= round_up(width, 32)], or nullptr
+  ptrdiff_t fix_ld;
+  int fix_lo, fix_hi;
+  const float* scale;    // [O]
+  const float* bias;     // [O] or nullptr
+  const float* channel;  // [O] or nullptr (this image's channel_scale)
+  const float* spatial;  // [width] or nullptr
+  const float* skip;     // skip[o * plane + p], or nullptr
+  ptrdiff_t plane;
+  float* y;
+};
+
 struct Kernels {
   const char* name;
   int words_per_word;
@@ -52,6 +79,11 @@ struct Kernels {
   size_t (*weight_words)(int out_channels, int steps);
   void (*pack_weights)(const uint64_t* w, int out_channels, int steps, uint64_t* out);
   void (*dot_tile)(const DotTile& tile);
+  // Optional (nullptr where not implemented): `rows` rows of `width` pixels -> the ConvRow line layout,
+  // row r's word k at out + (r * words + k) * line (pixel p at word index p; only pixels < width written).
+  void (*pack_lines)(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                     const float* threshold, uint64_t* out, ptrdiff_t line);
+  void (*conv_row)(const ConvRow& row);
 };
 
 extern const Kernels kScalarKernels;

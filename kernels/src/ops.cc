@@ -134,6 +134,7 @@ struct PreparedWeights {
   int64_t out_channels = 0;
   std::vector<uint64_t> packed;
   std::vector<int32_t> tap_popcount;  // [O][taps]
+  std::vector<uint64_t> rows;         // ConvRow layout [round_up(O, 4)][taps][words] (Kernels::conv_row)
 };
 
 // Output element p = epilogue(base[p] - 2 * count[p]), one pass, fp32 ops in the order of the
@@ -192,6 +193,10 @@ PreparedWeights PrepareWeights(const Node& node, const Kernels& isa, const Node:
                 " (the unused high bits of each tap's last word must be 0)");
   p.packed.resize(isa.weight_words(int(p.out_channels), int(steps)));
   isa.pack_weights(data, int(p.out_channels), int(steps), p.packed.data());
+  if (tail.size() > 1 && isa.conv_row) {
+    p.rows.assign(size_t((p.out_channels + 3) / 4 * 4) * steps, 0);
+    std::copy(data, data + p.out_channels * steps, p.rows.begin());
+  }
   if (tail.size() > 1) {  // a convolution: [O, KH, KW, words]
     p.tap_popcount.resize(p.out_channels * steps / words);
     for (size_t t = 0; t < p.tap_popcount.size(); ++t) {
@@ -260,6 +265,15 @@ class ConvKernel {
   }
 
   void Compute(OrtKernelContext* context) const;
+  struct Args {
+    const float* x;
+    const float* threshold;
+    const PreparedWeights& wt;
+    const float *scale, *bias, *spatial, *channel;
+    float* y;
+    int n, h, w;
+  };
+  void ComputeRows(const Ort::KernelContext& ctx, const Args& a) const;
 
   Node node_;
   const Kernels* isa_ = nullptr;
@@ -291,6 +305,13 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
 
   float* y = ctx.GetOutput(0, {n_images, O, h_in, w_in}).GetTensorMutableData<float>();
   if (n_images * h_in * w_in == 0) return;
+  if (isa_->conv_row) {
+    ComputeRows(ctx, Args{static_cast<const float*>(x.data), static_cast<const float*>(node_.Get(ctx, 1).data),
+                          wt, static_cast<const float*>(scale.data), static_cast<const float*>(bias.data),
+                          static_cast<const float*>(spatial.data), static_cast<const float*>(chan.data), y,
+                          int(n_images), int(h_in), int(w_in)});
+    return;
+  }
 
   const Kernels& isa = *isa_;
   const int C = int(channels_), H = int(h_in), W = int(w_in), KH = int(kh_), KW = int(kw_);
@@ -385,6 +406,100 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
           epilogue(e, base.data(), counts.data() + o * TW, np, y_row + o * plane + p0);
         }
       }
+    }
+  };
+  ParallelFor(ctx, bands, run_band);
+  if (out_of_memory) throw std::bad_alloc();
+}
+
+// The fused path (Kernels::conv_row): per band of output rows, its input rows are packed once into
+// the line layout, then each output row is computed with its epilogue in one pass. Pixels whose window
+// reaches into the zero padding get an integer correction from a per-row-class table (see ConvRow).
+void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const {
+  const Kernels& isa = *isa_;
+  const int C = int(channels_), H = a.h, W = a.w, KH = int(kh_), KW = int(kw_), O = int(a.wt.out_channels);
+  const int ph = KH / 2, pw = KW / 2, words = int(Words(C));
+  const ptrdiff_t plane = ptrdiff_t(H) * W, W32 = (W + 31) / 32 * 32, line = W32 + KW - 1;
+  const int32_t full = KH * KW * C;
+  // Row classes: rows with the same valid window rows share a correction table [O][W32].
+  std::vector<int> row_class(H);
+  std::vector<std::pair<int, int>> classes;
+  for (int h = 0; h < H; ++h) {
+    const std::pair<int, int> valid{std::max(0, ph - h), std::min(KH, H + ph - h)};
+    auto it = std::find(classes.begin(), classes.end(), valid);
+    row_class[h] = int(it - classes.begin());
+    if (it == classes.end()) classes.push_back(valid);
+  }
+  std::vector<int32_t> fix(classes.size() * O * W32, 0);
+  for (size_t c = 0; c < classes.size(); ++c) {
+    const auto [r0, r1] = classes[c];
+    int last = -1;  // the column whose valid taps were computed last: columns in the middle share them
+    for (int w = 0; w < W; ++w) {
+      const int c0 = std::max(0, pw - w), c1 = std::min(KW, W + pw - w);
+      if (r0 == 0 && r1 == KH && c0 == 0 && c1 == KW) continue;
+      int32_t* column = fix.data() + c * O * W32 + w;
+      if (last >= 0 && std::max(0, pw - last) == c0 && std::min(KW, W + pw - last) == c1) {
+        for (int o = 0; o < O; ++o) column[o * W32] = column[o * W32 + last - w];
+        continue;
+      }
+      last = w;
+      const int32_t missing = full - (r1 - r0) * (c1 - c0) * C;
+      for (int o = 0; o < O; ++o) {
+        const int32_t* tap_popcount = a.wt.tap_popcount.data() + o * KH * KW;
+        int32_t pad = 0;
+        for (int i = 0; i < KH; ++i)
+          for (int j = 0; j < KW; ++j)
+            if (i < r0 || i >= r1 || j < c0 || j >= c1) pad += tap_popcount[i * KW + j];
+        column[o * W32] = 2 * pad - missing;
+      }
+    }
+  }
+  std::vector<ptrdiff_t> offset;  // step (i, j, k) of a window
+  for (int i = 0; i < KH; ++i)
+    for (int j = 0; j < KW; ++j)
+      for (int k = 0; k < words; ++k) offset.push_back((ptrdiff_t(i) * words + k) * line + j);
+  // Bands of output rows, about 16 per image (at least 4 rows: each band packs KH - 1 extra rows).
+  const int band = std::clamp((H + 15) / 16, 4, 64);
+  const int bands_per_image = (H + band - 1) / band;
+  const size_t bands = size_t(a.n) * bands_per_image;
+  std::atomic<bool> out_of_memory{false};
+  auto run_band = [&](size_t b) {
+    const int n = int(b / bands_per_image);
+    const int h0 = int(b % bands_per_image) * band, h1 = std::min(H, h0 + band);
+    thread_local std::vector<uint64_t> packed;
+    try {
+      packed.assign(size_t(h1 - h0 + 2 * ph) * words * line, 0);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+      return;
+    }
+    const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);  // buffer row i: image row h0 - ph + i
+    isa.pack_lines(a.x + ptrdiff_t(n) * C * plane + ptrdiff_t(r0) * W, plane, C, r1 - r0, W, a.threshold,
+                   packed.data() + ptrdiff_t(r0 - h0 + ph) * words * line + pw, line);
+    for (int h = h0; h < h1; ++h) {
+      const int cls = row_class[h];
+      const bool inner = classes[cls] == std::pair<int, int>{0, KH};
+      ConvRow row{};
+      row.x = packed.data() + ptrdiff_t(h - h0) * words * line;
+      row.line = line;
+      row.offset = offset.data();
+      row.steps = int(offset.size());
+      row.width = W;
+      row.out_channels = O;
+      row.w = a.wt.rows.data();
+      row.full = full;
+      row.fix = fix.data() + size_t(cls) * O * W32;
+      row.fix_ld = W32;
+      row.fix_lo = inner ? pw : W;
+      row.fix_hi = inner ? W - pw : W;
+      row.scale = a.scale;
+      row.bias = a.bias;
+      row.channel = a.channel ? a.channel + ptrdiff_t(n) * O : nullptr;
+      row.spatial = a.spatial ? a.spatial + n * plane + ptrdiff_t(h) * W : nullptr;
+      row.skip = skip_ ? a.x + ptrdiff_t(n) * C * plane + ptrdiff_t(h) * W : nullptr;
+      row.plane = plane;
+      row.y = a.y + ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W;
+      isa.conv_row(row);
     }
   };
   ParallelFor(ctx, bands, run_band);
