@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .errors import UsageError, check_output
+
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected (also allows a "
@@ -30,14 +32,38 @@ def _load_any(path: str, args: argparse.Namespace):
     return load_pretrained(path, arch=args.arch, arch_kwargs=args.arch_kwargs)
 
 
+def _arch_kwargs(text: str) -> str:
+    """``--arch-kwargs``, checked to be a JSON object before anything is read or written."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--arch-kwargs {text!r} is not valid JSON ({err}); expected an object like "
+                         "'{\"num_feat\": 64}'") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--arch-kwargs {text!r} is a JSON {type(value).__name__}; expected an object like "
+                         "'{\"num_feat\": 64}'")
+    return text
+
+
+def _input_file(path: str) -> str | Path:
+    """A checkpoint argument as a file path (``zoo:NAME`` resolved) for the output checks."""
+    from .models.zoo import is_zoo_name, zoo_path
+
+    return zoo_path(path) if is_zoo_name(path) else path
+
+
 def _cmd_convert(args: argparse.Namespace) -> None:
     from . import convert, summary
     from .checkpoint import save_model
     from .train.cli import key_values
 
+    check_output(args.output, {"input checkpoint": _input_file(args.checkpoint)}, "-o")
+    _arch_kwargs(args.arch_kwargs)
     model, spec = _load_any(args.checkpoint, args)
     if spec is None:
-        raise SystemExit(f"{args.checkpoint} is already converted; give the pretrained FP checkpoint")
+        raise UsageError(f"{args.checkpoint} is already converted; give the pretrained FP checkpoint")
     converted = convert(model, args.recipe, **key_values(args.set, "--set"))
     print(summary(converted))
     save_model(converted, args.output, spec)
@@ -47,6 +73,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from . import summary
 
+    _arch_kwargs(args.arch_kwargs)
     model, _ = _load_any(args.model, args)
     if args.sensitivity:
         from .analysis.cli import run_sensitivity
@@ -59,13 +86,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .export.onnx import export_onnx
 
+    check_output(args.output, {"input checkpoint": args.checkpoint}, "-o")
     print(export_onnx(load_model(args.checkpoint), args.output))
 
 
 def _cmd_upscale(args: argparse.Namespace) -> None:
     from .export.upscale import upscale_file
 
-    upscale_file(args.model, args.input, args.output, tile=args.tile, overlap=args.overlap, threads=args.threads)
+    upscale_file(args.model, args.input, args.output, tile=args.tile, overlap=args.overlap, threads=args.threads,
+                 max_pixels=args.max_pixels or None)
     print(f"wrote {args.output}")
 
 
@@ -111,9 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     p.add_argument("input", type=Path)
     p.add_argument("output", type=Path)
-    p.add_argument("--tile", type=int, default=256, help="tile size in input pixels (0: whole image at once)")
+    p.add_argument("--tile", type=int, help="tile size in input pixels (0: whole image at once; default: whole up "
+                   "to 512 x 512, else tiles of 512)")
     p.add_argument("--overlap", type=int, default=16, help="overlap between tiles in input pixels")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                   help="refuse larger input images (width x height; default 4096 x 4096; 0: no limit)")
     p.set_defaults(func=_cmd_upscale)
 
     p = sub.add_parser("recipes", help="list the shipped recipes")
@@ -134,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         # --arch is the user's deliberate choice: files read by this command may name that architecture.
         with allow_architectures(getattr(args, "arch", None)):
             return args.func(args) or 0
-    except (SrbinarizeError, FileNotFoundError) as err:
+    except (SrbinarizeError, OSError) as err:  # bad input, or a file that cannot be read or written
         print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -133,16 +133,19 @@ def test_injected_teacher_in_a_run_folder_runs_nothing_on_resume_or_eval(evil, f
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(train / f"{i}.png")
     run = evil.root / "run"
-    srbinarize.finetune(str(fp_file), "scales", train=str(train.parent), out=run, steps=1, batch=2, patch=16,
-                        workers=0, threads=1, progress=False, reconstruct=0.0)
+    assert main(["finetune", str(fp_file), "--train", str(train.parent), "--steps", "1", "--batch", "2", "--patch",
+                 "16", "--workers", "0", "--threads", "1", "--reconstruct", "0", "--quiet", "-o", str(run)]) == 0
+    capsys.readouterr()
     atomic_save_tensors(load_file(str(run / "teacher.safetensors")), run / "teacher.safetensors",
                         {**read_metadata(run / "teacher.safetensors"), "model": evil.specs["system"]})
     with pytest.raises(CheckpointError, match="os:system"):
-        srbinarize.finetune(resume=run, progress=False)
-    assert main(["finetune", "--resume", str(run)]) == 2
+        load_model(run / "teacher.safetensors")
+    main(["finetune", "--resume", str(run)])  # a finished run may not load its teacher at all: no code either way
+    assert not evil.marker.exists()
+    capsys.readouterr()
     assert main(["eval", str(run), "--data", str(train.parent), "--scale", "2"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all("'os:system', which is not from an allowed source" in x for x in lines), lines
+    assert len(lines) == 1 and "'os:system', which is not from an allowed source" in lines[0], lines
     assert not evil.marker.exists()
 
 
