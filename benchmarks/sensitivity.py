@@ -60,15 +60,15 @@ def run_one(args: argparse.Namespace) -> dict:
     images = Path(args.images) if args.images else None
     crops = calibration_crops(images, scale=4, count=args.crops, size=args.crop_size)
     report = sensitivity(model, args.recipe, crops, input_range=input_range, name=name)
-    cal = default_calibration_batch(load_recipe(args.recipe).calibration, 3) * input_range
+    cal = default_calibration_batch(load_recipe(args.recipe).calibration, 3)
     choices, mixed = [], {}
     for by in ("gain", "drop"):
         choice = report.keep_fp(binary_share=args.binary_share, by=by)
-        converted = convert(model, args.recipe, example_input=crops.lr[:1] * input_range, calibration_data=cal,
-                            keep_fp=choice.keep_fp)
+        converted = convert(model, args.recipe, example_input=crops.lr[:1], calibration_data=cal,
+                            input_range=input_range, keep_fp=choice.keep_fp)
         choices.append(choice)
         mixed[by] = {"keep_fp": choice.keep_fp, "share": choice.binary_share, "estimate": choice.estimated_drop,
-                     "psnr": crops_psnr(converted, crops, input_range)}
+                     "psnr": crops_psnr(converted, crops)}
     out = Path(f"{args.output}_{name}")
     write_report(report, out, _command(), choices)
     print(report)

@@ -22,7 +22,9 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
                    "photos scikit-image ships")
     g.add_argument("--crops", type=int, default=4, help="number of LR crops scored")
     g.add_argument("--crop-size", type=int, default=48, help="LR crop side in pixels")
-    g.add_argument("--input-range", type=float, default=1.0, help="the model takes RGB in [0, this] (e.g. 255)")
+    if "--input-range" not in p._option_string_actions:  # the model-source options may come to hold it
+        g.add_argument("--input-range", type=float, help="the model takes RGB in [0, this]: 1 or 255 (default: "
+                       "the model's own, 1 unless it is wrapped)")
     g.add_argument("--binary-share", type=float, metavar="P",
                    help="also choose the layers to keep FP so that at least P of the body's MACs stay binary")
     g.add_argument("--max-drop", type=float, metavar="DB",
@@ -60,7 +62,9 @@ def _command(args: argparse.Namespace) -> list[str]:
         cmd += ["--arch", args.arch, "--arch-kwargs", args.arch_kwargs]
     if args.images:
         cmd += ["--images", args.images]
-    cmd += ["--crops", str(args.crops), "--crop-size", str(args.crop_size), "--input-range", f"{args.input_range:g}"]
+    cmd += ["--crops", str(args.crops), "--crop-size", str(args.crop_size)]
+    if args.input_range is not None:
+        cmd += ["--input-range", f"{args.input_range:g}"]
     for flag, value in (("--binary-share", args.binary_share), ("--max-drop", args.max_drop)):
         if value is not None:
             cmd += [flag, f"{value:g}", "--by", args.by]

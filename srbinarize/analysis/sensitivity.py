@@ -28,6 +28,7 @@ from torch import nn
 
 from ..convert import conversion_info, convert, default_calibration_batch
 from ..errors import SrbinarizeError
+from ..models.input_range import check_input_range, model_input_range, with_input_range
 from ..models.load import model_scale
 from ..recipe import Recipe, load_recipe
 from ..summary import summary
@@ -101,9 +102,9 @@ def _position(rng: np.random.Generator, h: int, w: int, size: int, name: str) ->
 
 
 @torch.no_grad()
-def crops_psnr(model: nn.Module, crops: Crops, input_range: float = 1.0) -> float:
-    """Mean PSNR-Y of ``model`` on the crops; inputs are scaled to [0, ``input_range``], outputs back."""
-    y = model(crops.lr * input_range) / input_range
+def crops_psnr(model: nn.Module, crops: Crops) -> float:
+    """Mean PSNR-Y of ``model`` (taking RGB in [0, 1]) on the crops."""
+    y = model(crops.lr)
     want = (crops.lr.shape[-2] * crops.scale, crops.lr.shape[-1] * crops.scale)
     if tuple(y.shape[-2:]) != want:
         raise SensitivityError(f"the model turned {tuple(crops.lr.shape[-2:])} crops into {tuple(y.shape[-2:])}, "
@@ -144,7 +145,7 @@ class SensitivityReport:
     images: str  # where the crops come from
     crops: int
     crop_size: int
-    input_range: float
+    input_range: float  # of the network inside (255: it was wrapped to take [0, 1])
     fp_psnr: float
     converted_psnr: float  # every layer the recipe replaces converted at once
     bicubic_psnr: float  # MATLAB-style bicubic upscaling of the same crops (the floor)
@@ -257,7 +258,7 @@ def sensitivity(
     crops: int = 4,
     crop_size: int = 48,
     scale: int | None = None,
-    input_range: float = 1.0,
+    input_range: float | None = None,
     calibration_data: torch.Tensor | None = None,
     name: str | None = None,
     seed: int = 0,
@@ -266,17 +267,17 @@ def sensitivity(
     """PSNR-Y drop of each layer ``recipe`` replaces when that layer alone is converted (calibrated, no training),
     and the PSNR-Y it gives back when it alone stays FP in the full conversion.
 
-    ``images``: `Crops`, an image folder or None (see `calibration_crops`). ``input_range``: the model takes
-    RGB in [0, input_range] (inputs and calibration data are scaled, outputs divided). ``calibration_data``:
-    as `convert` takes it, in [0, 1]; by default the recipe's own calibration patches. ``overrides`` go to
-    the recipe as in `convert`. Layers whose replacement reads other layers' inputs (linked chains) are
-    measured with their partners FP.
+    ``images``: `Crops`, an image folder or None (see `calibration_crops`). ``input_range=255``: the model
+    takes RGB in [0, 255] and is wrapped as `convert` wraps it (its layers are then named ``model.<name>``).
+    ``calibration_data``: as `convert` takes it, in [0, 1]; by default the recipe's own calibration patches.
+    ``overrides`` go to the recipe as in `convert`. A layer whose replacement reads other layers' inputs
+    (BAM's linked chains) cannot stand alone: its drop and gain are nan, with a note.
     """
     recipe = load_recipe(recipe).with_overrides(**overrides)
-    if input_range <= 0:
-        raise SensitivityError(f"input_range must be positive, got {input_range}")
     start = time.perf_counter()
     load = _loadavg()
+    if input_range is not None:
+        model = with_input_range(model, check_input_range(input_range, "input_range"))
     model = model.eval()
     scale = scale or model_scale(model)
     data = images if isinstance(images, Crops) else calibration_crops(images, scale, crops, crop_size, seed)
@@ -284,13 +285,13 @@ def sensitivity(
         raise SensitivityError(f"the crops are for x{data.scale}, the model is x{scale}")
     cal = calibration_data if calibration_data is not None else default_calibration_batch(
         recipe.calibration, data.lr.shape[1])
-    example = data.lr[:1] * input_range
-    converted = convert(model, recipe, example_input=example, calibration_data=cal * input_range)
+    example = data.lr[:1]
+    converted = convert(model, recipe, example_input=example, calibration_data=cal)
     fp = convert(model, recipe, example_input=example, calibrate=False, roles=[])
     info = conversion_info(converted)
     stats = {s.row.name: s for s in summary(converted, input_size=tuple(data.lr.shape[-2:])).layers}
-    fp_psnr = crops_psnr(fp, data, input_range)
-    converted_psnr = crops_psnr(converted, data, input_range)
+    fp_psnr = crops_psnr(fp, data)
+    converted_psnr = crops_psnr(converted, data)
 
     fp_modules, new_modules = dict(fp.named_modules()), dict(converted.named_modules())
     layers = []
@@ -304,8 +305,8 @@ def sensitivity(
         if new.extra_inputs():
             entry.note = f"reads the inputs of {new.extra_inputs()}: not measured alone"
         else:
-            entry.drop = fp_psnr - _swapped_psnr(fp, row.name, new, old, data, input_range)
-            entry.gain = _swapped_psnr(converted, row.name, old, new, data, input_range) - converted_psnr
+            entry.drop = fp_psnr - _swapped_psnr(fp, row.name, new, old, data)
+            entry.gain = _swapped_psnr(converted, row.name, old, new, data) - converted_psnr
         layers.append(entry)
     roles = recipe.targets.roles
     all_stats = list(stats.values())
@@ -316,7 +317,7 @@ def sensitivity(
         images=data.source,
         crops=data.lr.shape[0],
         crop_size=data.lr.shape[-1],
-        input_range=input_range,
+        input_range=model_input_range(model),
         fp_psnr=fp_psnr,
         converted_psnr=converted_psnr,
         bicubic_psnr=bicubic_psnr(data),
@@ -330,12 +331,11 @@ def sensitivity(
     )
 
 
-def _swapped_psnr(model: nn.Module, name: str, swap_in: nn.Module, back: nn.Module, crops: Crops,
-                  input_range: float) -> float:
+def _swapped_psnr(model: nn.Module, name: str, swap_in: nn.Module, back: nn.Module, crops: Crops) -> float:
     """PSNR-Y of ``model`` with its layer ``name`` replaced by ``swap_in`` for the measurement, then ``back``."""
     model.set_submodule(name, swap_in)
     try:
-        return crops_psnr(model, crops, input_range)
+        return crops_psnr(model, crops)
     finally:
         model.set_submodule(name, back)
 
