@@ -12,6 +12,7 @@ from srbinarize.train.data import (
     DataError,
     EvalSet,
     TrainPatches,
+    decode_image,
     downsample,
     matlab_downsample,
     patch_loader,
@@ -86,6 +87,59 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
             read_image(path)
     with pytest.raises(DataError, match="not found"):
         read_image(tmp_path / "absent.png")
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_size_limit_is_read_from_the_header(tmp_path):
+    """A header claiming 100000x100000 is one DataError (not Pillow's DecompressionBombError), before decoding."""
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(100_000, 100_000))
+    with pytest.raises(DataError, match=r"bomb\.png is 100000x100000 \(10000\.0 megapixels\), above the limit"):
+        read_image(tmp_path / "bomb.png")
+    Image.fromarray(_photo(20, 30)).save(tmp_path / "small.png")
+    with pytest.raises(DataError, match=r"30x20 \(600 pixels\), above the limit of 599 pixels; raise it"):
+        decode_image(tmp_path / "small.png", max_pixels=599, limit_hint="raise it")
+    assert decode_image(tmp_path / "small.png", max_pixels=600).pixels.shape == (20, 30, 3)
+    assert read_image(tmp_path / "small.png", max_pixels=None).shape == (20, 30, 3)
+
+
+def test_decode_keeps_channels_alpha_and_16_bits(tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(1)
+    rgba16 = rng.integers(0, 65536, size=(12, 9, 4), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "rgba16.png"), rgba16[..., [2, 1, 0, 3]])
+    d = decode_image(tmp_path / "rgba16.png")
+    assert d.pixels.dtype == np.uint16 and np.array_equal(d.pixels, rgba16[..., :3])
+    assert np.array_equal(d.alpha, rgba16[..., 3])
+    la = np.stack([_photo(12, 9)[..., 0], np.full((12, 9), 77, np.uint8)], axis=2)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    d = decode_image(tmp_path / "la.png")
+    assert d.grey and d.pixels.dtype == np.uint8 and np.array_equal(d.pixels[..., 0], la[..., 0])
+    assert np.array_equal(d.alpha, la[..., 1])
+    grey16 = rng.integers(0, 65536, size=(12, 9), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.tif")
+    d = decode_image(tmp_path / "grey16.tif")
+    assert d.grey and np.array_equal(d.pixels[..., 0], grey16) and d.alpha is None
+
+
+def test_float_images_with_nan_are_refused(tmp_path):
+    img = np.full((6, 5), 0.25, np.float32)
+    Image.fromarray(img, "F").save(tmp_path / "ok.tif")
+    assert np.all(read_image(tmp_path / "ok.tif") == round(0.25 * 65535))
+    img[2, 2] = np.nan
+    Image.fromarray(img, "F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match=r"nan\.tif holds NaN"):
+        read_image(tmp_path / "nan.tif")
 
 
 def test_empty_folder_and_small_images(tmp_path, hr_dir):

@@ -226,3 +226,48 @@ def test_written_files_honour_the_umask(converted, tmp_path, mask):
         os.umask(old)
     for p in (ckpt, onnx_path, tmp_path / "out.png"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, (p, oct(p.stat().st_mode))
+
+
+# ------------------------------------------------------------------------- no command writes onto its inputs
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_exit_2(argv: list[str], capsys, *needles: str) -> str:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def test_convert_and_export_never_write_onto_their_input(converted, fp_file, tmp_path, capsys):
+    conv, fp = tmp_path / "conv.safetensors", tmp_path / "mine.safetensors"
+    conv.write_bytes(converted.read_bytes())
+    fp.write_bytes(fp_file.read_bytes())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.safetensors").symlink_to(conv)
+    os.link(fp, tmp_path / "hard.safetensors")
+    (tmp_path / "plain.txt").write_text("x")
+    before = _tree(tmp_path)
+    for command, src in (("export", conv), ("convert", fp)):
+        spellings = [src, tmp_path / "sub" / ".." / src.name, Path(os.path.relpath(src))]
+        spellings.append(tmp_path / ("link.safetensors" if command == "export" else "hard.safetensors"))
+        for out in spellings:
+            _one_line_exit_2([command, str(src), "-o", str(out)], capsys, f"-o {out}", "is the input checkpoint",
+                             "would be overwritten")
+        _one_line_exit_2([command, str(src), "-o", str(tmp_path / "sub")], capsys, "is an existing folder")
+        _one_line_exit_2([command, str(src), "-o", str(tmp_path / "plain.txt" / "x.out")], capsys,
+                         "plain.txt is a file, not a folder")
+    assert _tree(tmp_path) == before  # nothing changed, nothing left behind
+
+
+@pytest.mark.parametrize("value", ["[1, 2]", "{num_feat: 8", '"text"', "3"])
+def test_arch_kwargs_must_be_a_json_object(fp_file, tmp_path, capsys, value):
+    for argv in (["convert", str(fp_file), "-o", str(tmp_path / "c.safetensors"), "--arch-kwargs", value],
+                 ["inspect", str(fp_file), "--arch-kwargs", value]):
+        _one_line_exit_2(argv, capsys, "--arch-kwargs", value, "expected an object")
+    assert not list(tmp_path.iterdir())

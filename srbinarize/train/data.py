@@ -87,8 +87,8 @@ def decode_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, limit_hi
                 raise DataError(f"image {path} is empty ({w}x{h})")
             if max_pixels is not None and w * h > max_pixels:
                 hint = f"; {limit_hint}" if limit_hint else ""
-                raise DataError(f"image {path} is {w}x{h} ({w * h / 1e6:.1f} megapixels), above the limit of "
-                                f"{max_pixels} pixels ({max_pixels / 1e6:.1f} megapixels){hint}")
+                raise DataError(f"image {path} is {w}x{h} ({_count_pixels(w * h)}), above the limit of "
+                                f"{_count_pixels(max_pixels)}{hint}")
             with _own_size_limit():
                 im.load()
             decoded = _pixels(im, path)
@@ -104,6 +104,10 @@ def decode_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, limit_hi
     if decoded.pixels.shape[0] != h or decoded.pixels.shape[1] != w:
         raise DataError(f"cannot read image {path}: decoded {decoded.pixels.shape} for a {w}x{h} header")
     return decoded
+
+
+def _count_pixels(n: int) -> str:
+    return f"{n / 1e6:.1f} megapixels" if n >= 100_000 else f"{n} pixels"
 
 
 def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
