@@ -136,3 +136,15 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     md = (tmp_path / "out" / "rep.md").read_text()
     assert "srbinarize inspect --sensitivity" in md and "| body.0.conv1 |" in md
     assert main(["inspect", "--sensitivity", str(ckpt), "--crop-size", "4000"]) == 2  # crop larger than images
+
+
+def test_convert_cli_takes_keep_fp(tmp_path):
+    from srbinarize.checkpoint import load_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny_edsr.safetensors"
+    save_file(edsr(num_block=2, num_feat=8, upscale=2).state_dict(), str(ckpt))
+    out = tmp_path / "mixed.safetensors"
+    assert main(["convert", str(ckpt), "--set", "keep_fp=[body.0.conv1, conv_after_body]", "-o", str(out)]) == 0
+    rows = {s.row.name: s for s in srbinarize.summary(load_model(out)).layers}
+    assert {n for n in BODY if not rows[n].quantized} == {"body.0.conv1", "conv_after_body"}
