@@ -41,6 +41,7 @@ from srbinarize.convert import convert  # noqa: E402
 from srbinarize.models.load import load_pretrained  # noqa: E402
 from srbinarize.recipe import load_recipe  # noqa: E402
 from srbinarize.train.cli import key_values  # noqa: E402
+from srbinarize.train.config import Budget, DataConfig, RunSettings, run_exists  # noqa: E402
 from srbinarize.train.evaluate import (  # noqa: E402
     Entry,
     describe_sets,
@@ -49,7 +50,8 @@ from srbinarize.train.evaluate import (  # noqa: E402
     load_sets,
     write_report,
 )
-from srbinarize.train.finetune import calibration_batch, finetune, hardware, run_exists  # noqa: E402
+from srbinarize.train.finetune import calibration_batch, finetune  # noqa: E402
+from srbinarize.train.session import hardware  # noqa: E402
 
 DATA = Path(os.environ.get("SRBINARIZE_DATA", os.path.relpath(REPO.parent / "shared" / "data")))
 BITS = re.compile(r"(\d+)/(\d+)/(\d+)")
@@ -83,18 +85,26 @@ def _finished(run: Path) -> bool:
     return (run / "final.safetensors").is_file() and not s.get("interrupted", True)
 
 
-def _same_settings(run: Path, args, recipe: str, overrides: dict[str, Any], distill: bool) -> bool:
-    """Whether a finished run was made with this invocation's model, recipe (options included), budget and
-    training settings."""
-    cfg = json.loads((run / "summary.json").read_text())["config"]
-    rec = load_recipe(recipe).with_overrides(**overrides).to_dict()
-    wanted = {"model": args.model, "steps": args.steps, "minutes": args.minutes, "batch": args.batch,
-              "patch": args.patch, "seed": args.seed}
+def _train_overrides(args, distill: bool) -> dict[str, Any]:
+    """The recipe train settings this invocation replaces."""
+    out: dict[str, Any] = {} if distill else {"distill_weight": 0.0}
     if args.lr is not None:
-        wanted["lr"] = args.lr
-    same = all(cfg.get(k) == v for k, v in wanted.items())
-    same = same and all(cfg["recipe"][k] == rec[k] for k in ("name", "layers", "train"))
-    return same and (cfg["distill_weight"] != 0) == distill
+        out["lr"] = args.lr
+    return out
+
+
+def _same_settings(run: Path, args, recipe: str, overrides: dict[str, Any], distill: bool) -> bool:
+    """Whether a finished run was made with this invocation's model, recipe (options and train settings
+    included), budget and data settings."""
+    cfg = json.loads((run / "summary.json").read_text())["config"]
+    train = {f"train.{k}": v for k, v in _train_overrides(args, distill).items()}
+    rec = load_recipe(recipe).with_overrides(**overrides, **train).to_dict()
+    wanted = {("model", "source"): args.model, ("budget", "steps"): args.steps, ("budget", "minutes"): args.minutes,
+              ("data", "batch"): args.batch, ("data", "patch"): args.patch, ("run", "seed"): args.seed}
+    if "format" not in cfg:
+        raise SystemExit(f"{run} holds a run of an earlier srbinarize format: give another --runs folder")
+    same = all(cfg[section].get(key) == v for (section, key), v in wanted.items())
+    return same and all(cfg["recipe"][k] == rec[k] for k in ("name", "layers", "train"))
 
 
 def run_row(args, recipe: str, overrides: dict[str, Any], distill: bool, run: Path) -> dict:
@@ -108,17 +118,19 @@ def run_row(args, recipe: str, overrides: dict[str, Any], distill: bool, run: Pa
         finetune(resume=run, progress=not args.quiet)
     else:
         print(f"[{run.name}] finetuning", flush=True)
-        finetune(args.model, recipe, train=args.train, val=args.val, out=run, steps=args.steps, minutes=args.minutes,
-                 batch=args.batch, patch=args.patch, lr=args.lr, distill_weight=None if distill else 0.0,
-                 recipe_overrides=overrides, seed=args.seed, threads=args.threads, workers=args.workers,
-                 progress=not args.quiet)
+        finetune(args.model, load_recipe(recipe).with_overrides(**overrides),
+                 DataConfig(train=args.train, val=args.val, batch=args.batch, patch=args.patch, workers=args.workers),
+                 Budget(steps=args.steps, minutes=args.minutes),
+                 RunSettings(out=str(run), seed=args.seed, threads=args.threads), progress=not args.quiet,
+                 **_train_overrides(args, distill))
     summary = json.loads((run / "summary.json").read_text())
     cfg = summary["config"]
+    train = cfg["recipe"]["train"]
     return {"run": str(run), "steps": summary["step"], "total_steps": summary["total_steps"],
             "seconds": summary.get("seconds_this_call"), "wall_seconds_this_invocation": round(time.time() - t0, 1),
-            "distill_weight": cfg["distill_weight"], "lr": cfg["lr"], "optimizer": cfg["optimizer"],
-            "schedule": cfg["schedule"], "batch": cfg["batch"], "patch": cfg["patch"],
-            "interval_lr": cfg.get("interval_lr")}
+            "distill_weight": train["distill_weight"], "lr": train["lr"], "optimizer": train["optimizer"],
+            "schedule": train["schedule"], "batch": cfg["data"]["batch"], "patch": cfg["data"]["patch"],
+            "interval_lr": train.get("interval_lr")}
 
 
 def convert_like_finetune(teacher: torch.nn.Module, recipe: str, overrides: dict[str, Any], train: list[str],

@@ -37,7 +37,7 @@ from srbinarize.train.evaluate import (  # noqa: E402
     load_sets,
     write_report,
 )
-from srbinarize.train.finetune import hardware  # noqa: E402
+from srbinarize.train.session import hardware  # noqa: E402
 
 DATA = Path(os.environ.get("SRBINARIZE_DATA", os.path.relpath(REPO.parent / "shared" / "data")))
 
@@ -62,9 +62,12 @@ def _state(run: Path, args, share: float) -> str:
     if not summary.is_file() or json.loads(summary.read_text()).get("interrupted", True):
         return "resume"
     cfg = json.loads(summary.read_text())["config"]
-    wanted = {"model": args.model, "minutes": args.minutes, "batch": args.batch, "patch": args.patch,
-              "seed": args.seed, "reconstruct": share}
-    if any(cfg.get(k) != v for k, v in wanted.items()) or cfg["recipe"]["name"] != args.recipe:
+    if "format" not in cfg:
+        raise SystemExit(f"{run} holds a run of an earlier srbinarize format: give another --runs folder")
+    wanted = {("model", "source"): args.model, ("budget", "minutes"): args.minutes, ("data", "batch"): args.batch,
+              ("data", "patch"): args.patch, ("run", "seed"): args.seed}
+    if any(cfg[section].get(key) != v for (section, key), v in wanted.items()) \
+            or cfg["recipe"]["train"]["reconstruct"] != share or cfg["recipe"]["name"] != args.recipe:
         raise SystemExit(f"{run} holds a finished run with other settings: give another --runs folder")
     return "finished"
 

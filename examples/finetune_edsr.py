@@ -30,12 +30,15 @@ def main() -> None:
 
     run = srbinarize.finetune(
         args.model,
-        recipe="scales",                     # or a YAML file; options: recipe_overrides={"spatial_rescale": False}
-        train=args.data / "BSD100",          # HR images; LR made on the fly with MATLAB-style bicubic
-        val=args.data / "Set5",              # PSNR/SSIM-Y every few hundred steps, best.safetensors kept
-        minutes=args.minutes,                # or steps=N
-        batch=16, patch=32,                  # LR patch side
-        out=args.out,                        # lr, optimizer, schedule, distill_weight ... default to the recipe
+        "scales",                            # or a YAML file, or load_recipe(...).with_overrides(spatial_rescale=False)
+        srbinarize.DataConfig(
+            train=args.data / "BSD100",      # HR images; LR made on the fly with MATLAB-style bicubic
+            val=args.data / "Set5",          # PSNR/SSIM-Y every few hundred steps, best.safetensors kept
+            batch=16, patch=32,              # LR patch side
+        ),
+        srbinarize.Budget(minutes=args.minutes),  # or steps=N
+        srbinarize.RunSettings(out=args.out),
+        # lr=..., optimizer=..., distill_weight=...: the recipe's train settings, overridden here
     )
 
     sets = load_sets([str(args.data / "Set5"), str(args.data / "Set14")], scale=model_scale(run.model))

@@ -19,7 +19,9 @@ from PIL import Image
 from srbinarize.checkpoint import load_model
 from srbinarize.models.spec import ModelSpec
 from srbinarize.models.zoo import save_fp_model
+from srbinarize.recipe import load_recipe
 from srbinarize.train.checkpoints import list_checkpoints, read_extra
+from srbinarize.train.config import Budget, DataConfig, RunSettings
 from srbinarize.train.data import DataError
 from srbinarize.train.finetune import FinetuneError, finetune
 from srbinarize.train.losses import LossError
@@ -53,11 +55,13 @@ def setup(tmp_path_factory):
     return {"root": root, "train": train, "val": val, "model": model}
 
 
-def _common(setup, **kw):
-    base = dict(train=setup["train"], val=setup["val"], batch=4, patch=16, workers=0, threads=1, progress=False,
-                save_seconds=1e9, reconstruct=0.0)  # end-to-end only unless a test asks for reconstruction
-    base.update(kw)
-    return base
+def _finetune(setup, out: Path, recipe="scales", *, steps=None, minutes=None, train=None, patch=16, val_every=None,
+              save_every=500, max_steps_this_call=None, reconstruct=0.0, **train_overrides):
+    """A small run on the setup's data; end-to-end only unless a test asks for reconstruction."""
+    data = DataConfig(train=train or setup["train"], val=setup["val"], batch=4, patch=patch, workers=0)
+    run = RunSettings(out=str(out), threads=1, save_seconds=1e9, val_every=val_every, save_every=save_every)
+    return finetune(str(setup["model"]), recipe, data, Budget(steps=steps, minutes=minutes), run, progress=False,
+                    max_steps_this_call=max_steps_this_call, reconstruct=reconstruct, **train_overrides)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -71,8 +75,7 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 def test_finetuning_learns_and_writes_the_run_folder(setup):
     run = setup["root"] / "learns"
-    result = finetune(str(setup["model"]), "scales", out=run, steps=40, lr=3e-3, val_every=20,
-                      **_common(setup))
+    result = _finetune(setup, run, steps=40, lr=3e-3, val_every=20)
     converted = result.baselines["val"]["converted"]
     assert result.step == 40 and not result.interrupted
     assert result.final_val["val"]["psnr"] > converted + 1.0, (converted, result.final_val)
@@ -89,9 +92,9 @@ def test_finetuning_learns_and_writes_the_run_folder(setup):
 
 @pytest.mark.parametrize("recipe", ["scales", "fqsr"])  # fqsr: one optimizer group per quantizer interval
 def test_resume_continues_bit_for_bit(setup, recipe):
-    kw = _common(setup, steps=8, val_every=4, save_every=3)
-    full = finetune(str(setup["model"]), recipe, out=setup["root"] / f"full_{recipe}", **kw)
-    part = finetune(str(setup["model"]), recipe, out=setup["root"] / f"part_{recipe}", max_steps_this_call=5, **kw)
+    kw = dict(steps=8, val_every=4, save_every=3)
+    full = _finetune(setup, setup["root"] / f"full_{recipe}", recipe, **kw)
+    part = _finetune(setup, setup["root"] / f"part_{recipe}", recipe, max_steps_this_call=5, **kw)
     assert part.interrupted and part.step == 5
     resumed = finetune(resume=setup["root"] / f"part_{recipe}", progress=False)
     assert resumed.step == 8
@@ -177,18 +180,17 @@ def test_ctrl_c_saves_and_exits_cleanly(setup):
 
 def test_feature_distillation_and_recipe_extra_losses(setup):
     run = setup["root"] / "extras"
-    finetune(str(setup["model"]), "fqsr", out=run, steps=2, feature_distill_weight=0.5,
-             recipe_overrides={"train.extra_losses": {"sqcl": 0.3}}, **_common(setup))
+    recipe = load_recipe("fqsr").with_overrides(**{"train.extra_losses": {"sqcl": 0.3}})
+    _finetune(setup, run, recipe, steps=2, feature_distill_weight=0.5)
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"l1", "distill", "feature", "sqcl"} <= set(first), first  # sqcl: declared by the recipe override
     with pytest.raises(LossError, match="unknown extra loss 'nope'"):
-        finetune(str(setup["model"]), "scales", out=setup["root"] / "bad_loss", steps=1, extra_losses={"nope": 1.0},
-                 **_common(setup))
+        _finetune(setup, setup["root"] / "bad_loss", steps=1, extra_losses={"nope": 1.0})
 
 
 def test_distillation_off_needs_no_teacher_forward(setup):
     run = setup["root"] / "no_distill"
-    finetune(str(setup["model"]), "scales", out=run, steps=2, distill_weight=0.0, **_common(setup))
+    _finetune(setup, run, steps=2, distill_weight=0.0)
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert "distill" not in first and "l1" in first
 
@@ -197,17 +199,17 @@ def test_bad_input_gives_clear_messages(setup, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):
-        finetune(str(setup["model"]), out=tmp_path / "a", steps=1, **_common(setup, train=empty))
+        _finetune(setup, tmp_path / "a", steps=1, train=empty)
     with pytest.raises(DataError, match="smaller than the HR patch"):
-        finetune(str(setup["model"]), out=tmp_path / "b", steps=1, **_common(setup, patch=64))
+        _finetune(setup, tmp_path / "b", steps=1, patch=64)
     with pytest.raises(FinetuneError, match=r"share of the budget for reconstruction, in \[0, 1\]"):
-        finetune(str(setup["model"]), out=tmp_path / "f", steps=1, **_common(setup, reconstruct=1.5))
+        _finetune(setup, tmp_path / "f", steps=1, reconstruct=1.5)
     with pytest.raises(FinetuneError, match="exactly one budget"):
-        finetune(str(setup["model"]), out=tmp_path / "c", **_common(setup))
+        _finetune(setup, tmp_path / "c")
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "config.json").write_text("{}")
     with pytest.raises(FinetuneError, match="already holds a run"):
-        finetune(str(setup["model"]), out=tmp_path / "e", steps=1, **_common(setup))
+        _finetune(setup, tmp_path / "e", steps=1)
     r = subprocess.run(_cli("finetune", str(setup["model"]), "--scale", "4", "--train", str(setup["train"]),
                             "--steps", "1", "-o", str(tmp_path / "d")), env=_env(), cwd=ROOT, capture_output=True,
                        text=True)
@@ -231,10 +233,10 @@ def test_eval_prints_the_table_for_a_run(setup):
 def test_minutes_budget_is_kept(setup):
     run = setup["root"] / "minutes"
     t0 = time.time()
-    result = finetune(str(setup["model"]), "scales", out=run, minutes=0.25, **_common(setup))
+    result = _finetune(setup, run, minutes=0.25)
     assert time.time() - t0 < 0.25 * 60 + 20
     assert result.total_steps >= 5 and (run / "final.safetensors").is_file()
-    assert json.loads((run / "config.json").read_text())["total_steps"] == result.total_steps
+    assert json.loads((run / "config.json").read_text())["plan"]["end_to_end"]["steps"] == result.total_steps
 
 
 def test_demo_runs_the_whole_pipeline(setup, tmp_path):
@@ -264,11 +266,11 @@ def _unit_losses(run: Path) -> list[tuple[int, float]]:
 
 def test_reconstruction_phase_resumes_from_the_unit_it_was_on(setup):
     # tiny EDSR: 3 units (body.0, body.1, conv_after_body); 0.5 x 12 steps -> 2 steps per unit, then 6 end-to-end
-    kw = _common(setup, steps=12, val_every=100, save_every=100, reconstruct=0.5)
-    full = finetune(str(setup["model"]), "scales", out=setup["root"] / "recon_full", **kw)
+    kw = dict(steps=12, val_every=100, save_every=100, reconstruct=0.5)
+    full = _finetune(setup, setup["root"] / "recon_full", **kw)
     assert full.total_steps == 6 and [s for s, _ in _unit_losses(full.run_dir)] == list(range(1, 7))
     assert "reconstructed" in full.baselines["val"] and (full.run_dir / "reconstructed.safetensors").is_file()
-    part = finetune(str(setup["model"]), "scales", out=setup["root"] / "recon_part", max_steps_this_call=3, **kw)
+    part = _finetune(setup, setup["root"] / "recon_part", max_steps_this_call=3, **kw)
     assert part.interrupted and not (part.run_dir / "reconstructed.safetensors").exists()
     [(_, ckpt)] = list_checkpoints(part.run_dir / "reconstruction")[-1:]
     assert read_extra(ckpt)[1] == {"unit": 1, "unit_path": "body.1", "unit_step": 1}

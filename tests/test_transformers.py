@@ -12,8 +12,8 @@ from torch import nn
 
 import srbinarize
 from srbinarize.layers import ScalesConv2d, ScalesLinear
-from srbinarize.models.train_zoo import swinir_spec
-from srbinarize.models.zoo import save_fp_model
+from srbinarize.models.zoo import save_fp_model, swinir_spec
+from srbinarize.train.config import Budget, DataConfig, RunSettings
 from srbinarize.train.evaluate import load_sets
 from srbinarize.train.finetune import FinetuneError, finetune
 from srbinarize.train.metrics import evaluate_model, input_multiple
@@ -160,8 +160,9 @@ def test_swinir_finetunes_and_evaluates_at_a_size_off_the_window(tmp_path):
     train = _smooth_images(tmp_path / "train", [(96, 96)] * 2, seed=0)  # calibration takes 48x48 LR
     val = _smooth_images(tmp_path / "val", [(26, 36)], seed=1)
     run = tmp_path / "run"
-    result = finetune(str(checkpoint), "scales", train=train, val=val, out=run, steps=3, batch=2, patch=16,
-                      reconstruct=0.0, val_every=3, workers=0, threads=1, progress=False, save_seconds=1e9)
+    result = finetune(str(checkpoint), "scales", DataConfig(train=train, val=val, batch=2, patch=16, workers=0),
+                      Budget(steps=3), RunSettings(out=str(run), val_every=3, threads=1, save_seconds=1e9),
+                      progress=False, reconstruct=0.0)
     assert result.step == 3 and not result.interrupted
     assert all(np.isfinite(r["psnr"]) and r["psnr"] > 10 for r in result.final_val.values()), result.final_val
     assert "could not draw" not in (run / "train.log").read_text()
@@ -169,4 +170,5 @@ def test_swinir_finetunes_and_evaluates_at_a_size_off_the_window(tmp_path):
     assert es.images[0].lr.shape[:2] == (13, 18) and input_multiple(result.model) == 4
     assert np.isfinite(evaluate_model(result.model, es).psnr)
     with pytest.raises(FinetuneError, match="multiple of 4"):
-        finetune(str(checkpoint), "scales", train=train, out=tmp_path / "odd", steps=1, patch=18, progress=False)
+        finetune(str(checkpoint), "scales", DataConfig(train=train, patch=18), Budget(steps=1),
+                 RunSettings(out=str(tmp_path / "odd")), progress=False)

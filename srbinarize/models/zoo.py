@@ -2,7 +2,7 @@
 
 Each file is a plain safetensors state dict (fp16 to stay small) whose metadata holds the `ModelSpec`
 (``srbinarize.model_spec``), the scale, how it was trained and what it measured, so `load_pretrained`
-rebuilds it with no detection. They were trained by ``python -m srbinarize.models.train_zoo`` (see that
+rebuilds it with no detection. They were trained by ``python -m srbinarize.train.zoo_trainer`` (see that
 module and ``srbinarize/models/zoo/README.md``); ``zoo:edsr-x2`` names one wherever a checkpoint path is taken.
 """
 
@@ -87,3 +87,27 @@ def zoo_info(name_or_path: str | Path) -> dict[str, Any]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta.get(INFO_KEY, "{}"))
+
+
+# The architectures of the zoo models (``python -m srbinarize.train.zoo_trainer --arch``).
+
+
+def edsr_spec(scale: int, num_feat: int, num_block: int) -> ModelSpec:
+    return ModelSpec(
+        "basicsr.archs.edsr_arch:EDSR",
+        {"num_in_ch": 3, "num_out_ch": 3, "num_feat": num_feat, "num_block": num_block, "upscale": scale},
+    )
+
+
+def swinir_spec(scale: int, img_size: int, embed_dim: int, depths: list[int], num_heads: list[int],
+                window_size: int = 8, mlp_ratio: float = 2.0) -> ModelSpec:
+    """A lightweight basicsr SwinIR (one conv closing each group, pixel-shuffle-direct upsampler, inputs in [0, 1]).
+
+    ``img_size`` only sizes the attention masks kept as buffers; other input sizes are padded to the window.
+    """
+    return ModelSpec(
+        "basicsr.archs.swinir_arch:SwinIR",
+        {"upscale": scale, "in_chans": 3, "img_size": img_size, "window_size": window_size, "img_range": 1.0,
+         "depths": depths, "embed_dim": embed_dim, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+         "upsampler": "pixelshuffledirect", "resi_connection": "1conv"},
+    )

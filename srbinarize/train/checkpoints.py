@@ -148,6 +148,29 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return ckpts[-1] if ckpts else None
 
 
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why the checkpoint folder cannot be resumed from (a truncated or damaged file), or None if it can."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        for name in ("model.safetensors", "state.safetensors"):
+            with safe_open(str(ckpt / name), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                    f.get_tensor(key)
+        read_extra(ckpt)
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint folder out of the way (kept for inspection, no longer listed)."""
+    dest = ckpt.with_name(f"damaged-{ckpt.name}")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(ckpt, dest)
+    return dest
+
+
 def clean_temporaries(run_dir: Path) -> None:
     folder = run_dir / "checkpoints"
     if folder.is_dir():

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -54,32 +55,41 @@ def skimage_folders(dest: Path) -> tuple[Path, Path]:
 
 # ------------------------------------------------------------------------------------------------ finetune
 
+# Each setting flag's destination is the name of the field it sets, in the config object of its concern
+# (srbinarize.train.config) or in the recipe's TrainSpec; a flag left out keeps that object's default.
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _settings(args: argparse.Namespace, cls) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in _fields(cls) if getattr(args, name, None) is not None}
+
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ..recipe import TrainSpec, load_recipe
+    from .config import Budget, DataConfig, ModelConfig, RunSettings
     from .finetune import finetune
 
+    if args.extra_losses:
+        args.extra_losses = {k: float(v) for k, v in key_values(args.extra_losses, "--extra-loss").items()}
+    if args.no_distill:
+        args.distill_weight = 0.0
+    given = {cls: _settings(args, cls) for cls in (ModelConfig, DataConfig, Budget, RunSettings, TrainSpec)}
     if args.resume:
+        extra = sorted(k for values in given.values() for k in values) + (["--set"] if args.set else [])
+        if extra:
+            raise SystemExit(f"srbinarize finetune: --resume continues with the run's stored settings; leave out "
+                             f"{', '.join(extra)}")
         result = finetune(resume=args.resume, progress=not args.quiet)
     else:
-        if not args.model:
+        if not args.source:
             raise SystemExit("srbinarize finetune: give the pretrained model (or --resume RUN_DIR)")
-        if args.output is None:
+        if args.out is None:
             raise SystemExit("srbinarize finetune: give the run folder with -o RUN_DIR")
-        extra = None
-        if args.extra_loss:
-            extra = {k: float(v) for k, v in key_values(args.extra_loss, "--extra-loss").items()}
-        result = finetune(
-            args.model, args.recipe, train=args.train, val=args.val, out=args.output, steps=args.steps,
-            minutes=args.minutes, batch=args.batch, patch=args.patch, train_lr=args.train_lr, scale=args.scale,
-            arch=args.arch, arch_kwargs=args.arch_kwargs, optimizer=args.optimizer, lr=args.lr,
-            weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup,
-            l1_weight=args.l1_weight, distill_weight=0.0 if args.no_distill else args.distill_weight,
-            feature_distill_weight=args.feature_distill_weight, extra_losses=extra, reconstruct=args.reconstruct,
-            reconstruct_lr=args.reconstruct_lr, interval_lr=args.interval_lr,
-            recipe_overrides=key_values(args.set, "--set"), seed=args.seed, val_every=args.val_every,
-            val_limit=args.val_limit, save_every=args.save_every, workers=args.workers, threads=args.threads,
-            device=args.device, progress=not args.quiet,
-        )
+        recipe = load_recipe(args.recipe).with_overrides(**key_values(args.set, "--set"))
+        result = finetune(ModelConfig(**given[ModelConfig]), recipe, DataConfig(**given[DataConfig]),
+                          Budget(**given[Budget]), RunSettings(**given[RunSettings]), progress=not args.quiet,
+                          **given[TrainSpec])
     _print_result(result)
     return 130 if result.interrupted else 0
 
@@ -97,48 +107,57 @@ def _print_result(result) -> None:
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="convert a pretrained FP model and finetune it with the FP teacher",
                        description="Convert a pretrained FP checkpoint with a recipe and finetune it (quantization-"
-                                   "aware, with the FP model as teacher). Settings left out come from the recipe.")
-    p.add_argument("model", nargs="?",
-                   help="pretrained checkpoint (.pth/.pt/.safetensors, BasicSR or plain) or zoo:NAME")
-    p.add_argument("--recipe", default="scales", help="shipped recipe name or a .yaml path (default scales)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe layer option")
-    p.add_argument("--train", nargs="+", help="training folders of HR images (or <set>/HR layouts)")
-    p.add_argument("--train-lr", nargs="+", help="paired LR folders (one per --train folder) instead of bicubic")
-    p.add_argument("--val", nargs="*", default=[], help="validation sets (HR/ + LR_bicubic/X<s>/ or HR folders)")
-    p.add_argument("--val-limit", type=int, help="use only the first N images of each validation set")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="optimizer steps")
-    budget.add_argument("--minutes", type=float, help="wall-clock budget; the step count that fits is measured")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--patch", type=int, default=32, help="LR patch side (HR patch = patch x scale)")
-    p.add_argument("--scale", type=int, help="expected scale (checked against the model)")
-    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["cosine", "constant", "linear"])
-    p.add_argument("--warmup", type=int, help="warmup steps")
-    p.add_argument("--l1-weight", type=float)
-    p.add_argument("--distill-weight", type=float)
-    p.add_argument("--no-distill", action="store_true", help="distill weight 0 (L1 to HR only)")
-    p.add_argument("--feature-distill-weight", type=float)
-    p.add_argument("--reconstruct", type=float, metavar="SHARE",
-                   help="share of the budget for block-wise reconstruction before end-to-end training (0: none)")
-    p.add_argument("--reconstruct-lr", type=float, help="Adam learning rate of the reconstruction phase")
-    p.add_argument("--interval-lr", type=float, metavar="RELATIVE",
-                   help="learning rate of learnable quantizer intervals as a share of each interval (FQSR)")
-    p.add_argument("--extra-loss", action="append", default=[], metavar="NAME=WEIGHT",
-                   help="replace the recipe's extra losses (e.g. sqcl=0.3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-every", type=int, help="validate every N steps (default: 5 times per run)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and every 2 minutes)")
-    p.add_argument("--workers", type=int, help="data loader processes (default min(2, cores))")
-    p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+                                   "aware, with the FP model as teacher). Training settings left out come from the "
+                                   "recipe's train section; every setting is checked before anything is written.")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run where it stopped (its settings are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected")
-    p.add_argument("--arch-kwargs", default=None, help="JSON keyword arguments for --arch")
-    p.add_argument("-o", "--output", type=Path, help="run folder")
+    m = p.add_argument_group("model (ModelConfig)")
+    m.add_argument("source", nargs="?", metavar="model",
+                   help="pretrained checkpoint (.pth/.pt/.safetensors, BasicSR or plain) or zoo:NAME")
+    m.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected")
+    m.add_argument("--arch-kwargs", help="JSON keyword arguments for --arch")
+    m.add_argument("--scale", type=int, help="expected scale (checked against the model)")
+    r = p.add_argument_group("recipe (its train section: the overrides below)")
+    r.add_argument("--recipe", default="scales", help="shipped recipe name or a .yaml path (default scales)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe option (a layer option, a targets field or train.FIELD)")
+    d = p.add_argument_group("data (DataConfig)")
+    d.add_argument("--train", nargs="+", help="training folders of HR images (or <set>/HR layouts)")
+    d.add_argument("--train-lr", nargs="+", help="paired LR folders (one per --train folder) instead of bicubic")
+    d.add_argument("--val", nargs="*", help="validation sets (HR/ + LR_bicubic/X<s>/ or HR folders)")
+    d.add_argument("--val-limit", type=int, help="use only the first N images of each validation set")
+    d.add_argument("--batch", type=int, help="batch size (default 16)")
+    d.add_argument("--patch", type=int, help="LR patch side, HR patch = patch x scale (default 32)")
+    d.add_argument("--workers", type=int, help="data loader processes (default min(2, cores))")
+    b = p.add_argument_group("budget (Budget): one of").add_mutually_exclusive_group()
+    b.add_argument("--steps", type=int, help="optimizer steps of all phases")
+    b.add_argument("--minutes", type=float, help="wall-clock budget; the step count that fits is measured")
+    o = p.add_argument_group("run (RunSettings)")
+    o.add_argument("-o", "--output", dest="out", help="run folder (new or empty)")
+    o.add_argument("--seed", type=int, help="default 0")
+    o.add_argument("--val-every", type=int, help="validate every N steps (default: 5 times per run)")
+    o.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500; and every --save-seconds)")
+    o.add_argument("--save-seconds", type=float, help="checkpoint at least this often (default 120)")
+    o.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
+    o.add_argument("--threads", type=int, help="torch threads")
+    o.add_argument("--device", help="cpu (default) or cuda[:N]")
+    t = p.add_argument_group("training settings (the recipe's TrainSpec)")
+    t.add_argument("--optimizer", help="adam, adamw or sgd")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule", help="cosine, constant or linear")
+    t.add_argument("--warmup", dest="warmup_steps", type=int, help="warmup steps")
+    t.add_argument("--l1-weight", type=float)
+    t.add_argument("--distill-weight", type=float)
+    t.add_argument("--no-distill", action="store_true", help="distill weight 0 (L1 to HR only)")
+    t.add_argument("--feature-distill-weight", type=float)
+    t.add_argument("--reconstruct", type=float, metavar="SHARE",
+                   help="share of the budget for block-wise reconstruction before end-to-end training (0: none)")
+    t.add_argument("--reconstruct-lr", type=float, help="Adam learning rate of the reconstruction phase")
+    t.add_argument("--interval-lr", type=float, metavar="RELATIVE",
+                   help="learning rate of learnable quantizer intervals as a share of each interval (FQSR)")
+    t.add_argument("--extra-loss", dest="extra_losses", action="append", metavar="NAME=WEIGHT",
+                   help="replace the recipe's extra losses (e.g. sqcl=0.3)")
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -198,8 +217,10 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
              seed: int = 0, progress: bool = True, batch: int = 16, patch: int = 32, lr: float | None = 1e-3,
              threads: int | None = None) -> str:
     """convert the zoo EDSR -> finetune ``minutes`` -> eval -> ``<out>/report.md``; returns the report."""
+    from .config import Budget, DataConfig, RunConfig, RunSettings, run_exists, write_atomic
     from .evaluate import describe_sets, entries_for, evaluate_entries, format_table, load_sets
-    from .finetune import finetune, hardware, run_exists
+    from .finetune import finetune
+    from .session import hardware
 
     data = data or data_root()
     model = f"zoo:edsr-x{scale}"
@@ -208,7 +229,7 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
             str(data / s) for s in ("Set5", "Set14") if (data / s).is_dir()]
         where = f"train {data / 'BSD100'}, validation Set5, evaluation Set5 + Set14 (given LR files)"
     else:
-        t, e = skimage_folders(out / "data")
+        t, e = skimage_folders(out.with_name(f"{out.name}-photos"))  # beside the run: its folder starts empty
         train, val, eval_roots = [str(t)], [str(e)], [str(e)]
         where = f"no {data}: scikit-image's bundled photos (train {t}, evaluation {e}, LR made by MATLAB-style bicubic)"
     print(f"srbinarize demo: {model} -> {recipe} -> finetune {minutes:g} min -> eval; {where}", flush=True)
@@ -216,8 +237,10 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
     if run_exists(out):
         result = finetune(resume=out, progress=progress)
     else:
-        result = finetune(model, recipe, train=train, val=val, out=out, minutes=minutes, seed=seed,
-                          progress=progress, batch=batch, patch=patch, lr=lr, threads=threads)
+        overrides = {"lr": lr} if lr is not None else {}
+        result = finetune(model, recipe, DataConfig(train=train, val=val, batch=batch, patch=patch),
+                          Budget(minutes=minutes), RunSettings(out=str(out), seed=seed, threads=threads),
+                          progress=progress, **overrides)
     t_train = time.time() - t0
     entries = entries_for(str(out), include_best=False)  # the best-on-validation pick would be chosen on Set5
     sets = load_sets(eval_roots, scale)
@@ -225,15 +248,15 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
     results = evaluate_entries(entries, sets)
     t_eval = time.time() - t1
     table = format_table(results, sets)
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = RunConfig.load(out)
+    tr = cfg.recipe.train
     report = "\n".join([
         f"# srbinarize demo: {model}, recipe {recipe}, x{scale}",
         "",
-        f"Command: `srbinarize demo --minutes {minutes:g} --scale {scale} --recipe {recipe} --lr {cfg['lr']:g} "
-        f"-o {out}`",
+        f"Command: `srbinarize demo --minutes {minutes:g} --scale {scale} --recipe {recipe} --lr {tr.lr:g} -o {out}`",
         "",
-        f"Finetuning: {result.step} steps (batch {cfg['batch']}, LR patch {cfg['patch']}, {cfg['optimizer']} "
-        f"lr {cfg['lr']:g} {cfg['schedule']}, L1 + distillation weight {cfg['distill_weight']:g}) in "
+        f"Finetuning: {result.step} steps (batch {cfg.data.batch}, LR patch {cfg.data.patch}, {tr.optimizer} "
+        f"lr {tr.lr:g} {tr.schedule}, L1 + distillation weight {tr.distill_weight:g}) in "
         f"{t_train / 60:.1f} min on {hardware()}.",
         f"Data: {where}.",
         "",
@@ -244,7 +267,7 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
         "Pictures: `curves.png` (loss, validation PSNR), `crops.png` (bicubic | FP | binary | HR).",
         "",
     ])
-    (out / "report.md").write_text(report)
+    write_atomic(out / "report.md", report)
     return report
 
 

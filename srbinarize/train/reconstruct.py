@@ -13,23 +13,20 @@ The unit is cut out of the student's graph as a GraphModule of its own (sharing 
 so a step runs that unit only. For a pool of LR batches, the student's unit inputs (the units before it
 are frozen by then) and the teacher's unit outputs are computed once per unit, as many as fit in
 ``cache_mb``, from the previous unit's examples when the unit reads only that unit's output; the teacher
-is never modified. `run_phase` runs all units with checkpoints, as the first phase of `finetune`.
+is never modified. `srbinarize.train.phases.reconstruction` runs all units with checkpoints, as the
+first phase of `finetune`.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from ..convert import conversion_info
-from ..models.spec import ModelSpec
-from .checkpoints import latest_checkpoint, load_train_state, prune, read_extra, save_checkpoint
 from .optim import parameter_groups
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -265,80 +262,3 @@ def _examples(student, teacher, unit: Unit, pool: Sequence[torch.Tensor], cache_
         examples.append((inputs, target))
         used += size
     return examples
-
-
-@dataclass
-class PhaseResult:
-    units: list[UnitResult]
-    finished: bool  # every unit reconstructed (False: stopped, resumable from ``checkpoint_dir``)
-    steps_this_call: int
-
-
-def run_phase(
-    student: fx.GraphModule,
-    teacher: nn.Module,
-    pool: Sequence[torch.Tensor],
-    steps: int,
-    lr: float,
-    checkpoint_dir: Path,
-    spec: ModelSpec,
-    *,
-    save_every: int = 500,
-    save_seconds: float = 120.0,
-    should_stop: Callable[[int], bool] = lambda _steps_this_call: False,
-    on_step: Callable[[Unit, int, float], None] | None = None,
-    cache_mb: float = 1024,
-    interval_lr: float | None = None,
-) -> PhaseResult:
-    """Reconstruct every unit in dataflow order, ``steps`` steps each, resumable at any step.
-
-    Checkpoints go to ``checkpoint_dir`` (the student, the unit's optimizer and schedule, and the position)
-    every ``save_every`` steps, every ``save_seconds``, at the end of each unit and when ``should_stop``
-    (called with the steps run in this call) says so. If ``checkpoint_dir`` holds a checkpoint, the student
-    is expected to carry its weights already; the phase goes on from the unit and step it records.
-    """
-    units = reconstruction_units(student)
-    start_unit, restore = 0, None
-    ckpt = latest_checkpoint(checkpoint_dir)
-    if ckpt is not None:
-        _, extra = read_extra(ckpt[1])
-        start_unit = extra["unit"] + (extra["unit_step"] == steps)
-        if extra["unit_step"] < steps:
-            restore = _restorer(ckpt[1])
-    results: list[UnitResult] = []
-    done = 0
-    last_save = time.time()
-    for k in range(start_unit, len(units)):
-        unit = units[k]
-
-        def after_step(step: int, loss: float, optimizer, schedule, k=k, unit=unit) -> bool:
-            nonlocal done, last_save
-            done += 1
-            if on_step is not None:
-                on_step(unit, step, loss)
-            stop = should_stop(done)
-            if stop or step + 1 == steps or (step + 1) % save_every == 0 or time.time() - last_save > save_seconds:
-                save_checkpoint(checkpoint_dir, k * steps + step + 1, student, spec, optimizer, schedule,
-                                {"unit": k, "unit_path": unit.path, "unit_step": step + 1})
-                prune(checkpoint_dir, 2)
-                last_save = time.time()
-            return stop
-
-        previous = results[-1] if results else None
-        result = reconstruct_unit(student, teacher, unit, pool, steps, lr, cache_mb, restore, after_step, previous,
-                                  interval_lr)
-        restore = None
-        if previous is not None:
-            previous.examples = []  # only the last unit's examples are kept
-        results.append(result)
-        if result.stopped or (should_stop(done) and k + 1 < len(units)):
-            return PhaseResult(results, False, done)
-    return PhaseResult(results, True, done)
-
-
-def _restorer(ckpt: Path) -> Restore:
-    def restore(optimizer, schedule) -> int:
-        _, extra = load_train_state(ckpt, optimizer, schedule)
-        return extra["unit_step"]
-
-    return restore

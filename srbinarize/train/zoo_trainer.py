@@ -1,7 +1,7 @@
-"""Train the project's own FP model for the zoo: ``python -m srbinarize.models.train_zoo``.
+"""Train the project's own FP model for the zoo: ``python -m srbinarize.train.zoo_trainer``.
 
-    nice -n 10 python -m srbinarize.models.train_zoo --scale 2 --steps 2000 -o runs/zoo_edsr_x2
-    nice -n 5 python -m srbinarize.models.train_zoo --arch swinir --batch 8 --steps 1400 --lr 5e-4 --warmup 100 \\
+    nice -n 10 python -m srbinarize.train.zoo_trainer --scale 2 --steps 2000 -o runs/zoo_edsr_x2
+    nice -n 5 python -m srbinarize.train.zoo_trainer --arch swinir --batch 8 --steps 1400 --lr 5e-4 --warmup 100 \\
         -o runs/zoo_swinir_x2
 
 A small basicsr EDSR (``--arch edsr``) or lightweight SwinIR (``--arch swinir``: window 8, pixel-shuffle-direct
@@ -12,6 +12,7 @@ that the shipped file goes through, and writes ``<run>/<arch>_x<s>.safetensors``
 ``srbinarize/models/zoo/``), with the config, the budget and those figures in its metadata.
 ``--init`` starts from another zoo model (x4 from x2: every tensor whose shape matches is copied).
 The run folder keeps ``last.pt`` every ``--save-every`` steps; ``--resume`` continues from it.
+(Until the training loop was split into `srbinarize.train`, this was ``srbinarize.models.train_zoo``.)
 """
 
 from __future__ import annotations
@@ -23,39 +24,22 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..train.data import EvalSet, TrainPatches, patch_loader
-from ..train.metrics import evaluate_bicubic, evaluate_model
-from .spec import ModelSpec
-from .zoo import save_fp_model, zoo_dir
+from ..models.load import load_pretrained
+from ..models.spec import ModelSpec
+from ..models.zoo import edsr_spec, save_fp_model, swinir_spec, zoo_dir
+from .data import EvalSet, TrainPatches, patch_loader
+from .metrics import evaluate_bicubic, evaluate_model
 
 DEFAULT_DATA = "../shared/data/BSD100"
 DEFAULT_SETS = ("../shared/data/Set5", "../shared/data/Set14")
 ARCHS = ("edsr", "swinir")
-
-
-def edsr_spec(scale: int, num_feat: int, num_block: int) -> ModelSpec:
-    return ModelSpec(
-        "basicsr.archs.edsr_arch:EDSR",
-        {"num_in_ch": 3, "num_out_ch": 3, "num_feat": num_feat, "num_block": num_block, "upscale": scale},
-    )
-
-
-def swinir_spec(scale: int, img_size: int, embed_dim: int, depths: list[int], num_heads: list[int],
-                window_size: int = 8, mlp_ratio: float = 2.0) -> ModelSpec:
-    """A lightweight basicsr SwinIR (one conv closing each group, pixel-shuffle-direct upsampler, inputs in [0, 1]).
-
-    ``img_size`` only sizes the attention masks kept as buffers; other input sizes are padded to the window.
-    """
-    return ModelSpec(
-        "basicsr.archs.swinir_arch:SwinIR",
-        {"upscale": scale, "in_chans": 3, "img_size": img_size, "window_size": window_size, "img_range": 1.0,
-         "depths": depths, "embed_dim": embed_dim, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
-         "upsampler": "pixelshuffledirect", "resi_connection": "1conv"},
-    )
+PROG = "python -m srbinarize.train.zoo_trainer"
 
 
 def arch_spec(args: argparse.Namespace) -> ModelSpec:
@@ -73,8 +57,8 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, final_ratio: floa
     return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m srbinarize.models.train_zoo", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="edsr")
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--num-feat", type=int, default=32, help="EDSR features")
@@ -104,33 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--patch {args.patch} must be a multiple of --window {args.window}")
     if args.arch == "swinir" and len(args.heads) != len(args.depths):
         p.error(f"--heads {args.heads} needs one entry per group of --depths {args.depths}")
+    return args
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = (out / "train.log").open("a")
 
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
-
-    spec = arch_spec(args)
-    model = spec.build()
-    if args.init:
-        from .load import load_pretrained
-
-        src, _ = load_pretrained(args.init)
-        own = model.state_dict()
-        copied = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(copied, strict=False)
-        say(f"init from {args.init}: {len(copied)}/{len(own)} tensors copied")
+def train(args: argparse.Namespace, model: torch.nn.Module, out: Path,
+          say: Callable[[str], None]) -> tuple[float, float]:
+    """The L1 training loop (resumable from ``<out>/last.pt``); returns (CPU seconds, wall seconds) in all."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99))
     start, cpu_used, wall_used = 0, 0.0, 0.0
     ckpt = out / "last.pt"
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, cpu_used, wall_used = state["step"], state["cpu_s"], state["wall_s"]
@@ -165,21 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         if (step + 1) % args.save_every == 0:
             save(step + 1)
     save(args.steps)
-    cpu_s, wall_s = cpu_used + time.process_time() - cpu0, wall_used + time.time() - wall0
+    return cpu_used + time.process_time() - cpu0, wall_used + time.time() - wall0
 
-    # The shipped file is fp16: measure what a user gets.
+
+def ship(args: argparse.Namespace, model: torch.nn.Module, spec: ModelSpec, out: Path, info: dict[str, Any],
+         say: Callable[[str], None]) -> Path:
+    """Write the fp16 zoo file and measure what a user gets from it (the figures go into its metadata)."""
     name = f"{args.arch}_x{args.scale}"
-    info = {
-        "arch": spec.target, "kwargs": spec.kwargs, "scale": args.scale,
-        "trained_by": "python -m srbinarize.models.train_zoo " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "data": args.data, "steps": args.steps, "batch": args.batch, "lr_patch": args.patch, "lr": args.lr,
-        "cpu_seconds": round(cpu_s), "wall_seconds": round(wall_s), "threads": args.threads,
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-        "init": args.init, "stored_dtype": "float16", "results": {},
-    }
     path = save_fp_model(model, spec, out / f"{name}.safetensors", info=info)
-    from .load import load_pretrained
-
     shipped, _ = load_pretrained(path)
     for root in args.sets:
         es = EvalSet.load(root, args.scale)
@@ -189,6 +150,40 @@ def main(argv: list[str] | None = None) -> int:
                                     "bicubic_psnr_y": round(b.psnr, 3)}
         say(f"{es.name} x{args.scale}: PSNR-Y {r.psnr:.3f} SSIM-Y {r.ssim:.4f} (bicubic {b.psnr:.3f})")
     save_fp_model(model, spec, path, info=info)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "train.log").open("a")
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+        log.flush()
+
+    spec = arch_spec(args)
+    model = spec.build()
+    if args.init:
+        src, _ = load_pretrained(args.init)
+        own = model.state_dict()
+        copied = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(copied, strict=False)
+        say(f"init from {args.init}: {len(copied)}/{len(own)} tensors copied")
+    cpu_s, wall_s = train(args, model, out, say)
+    info = {
+        "arch": spec.target, "kwargs": spec.kwargs, "scale": args.scale,
+        "trained_by": f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "data": args.data, "steps": args.steps, "batch": args.batch, "lr_patch": args.patch, "lr": args.lr,
+        "cpu_seconds": round(cpu_s), "wall_seconds": round(wall_s), "threads": args.threads,
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "init": args.init, "stored_dtype": "float16", "results": {},
+    }
+    path = ship(args, model, spec, out, info, say)
     say(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB); {cpu_s / 60:.1f} CPU-min, {wall_s / 60:.1f} min wall")
     if args.install:
         dest = zoo_dir() / path.name
