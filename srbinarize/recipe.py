@@ -101,8 +101,9 @@ class TrainSpec:
             _require(getattr(self, name), name, ">= 0", lambda v: v >= 0)
         for name, weight in self.extra_losses.items():
             _require(weight, f"extra_losses.{name}", ">= 0", lambda v: v >= 0)
-        _require(self.reconstruct, "reconstruct", "in [0, 1] (the share of the budget for reconstruction)",
-                 lambda v: 0 <= v <= 1)
+        if not (isinstance(self.reconstruct, (int, float)) and 0 <= self.reconstruct <= 1):  # False for nan
+            raise ValueError(f"reconstruct is the share of the budget for reconstruction, in [0, 1]; got "
+                             f"{self.reconstruct!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
 
@@ -202,7 +203,10 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        source, content = str(path), path.read_text()
+        try:
+            source, content = str(path), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"{path}: not a text (UTF-8) recipe file ({err.reason} at byte {err.start})") from None
     else:
         shipped = recipe_dir() / f"{text}.yaml"
         if not shipped.is_file():
