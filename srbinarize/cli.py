@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         with allow_architectures(getattr(args, "arch", None)):
             return args.func(args) or 0
     except (SrbinarizeError, OSError) as err:  # bad input, or a file that cannot be read or written
-        print(f"srbinarize {args.command}: error: {err}", file=sys.stderr)
+        one_line = " ".join(part.strip() for part in str(err).splitlines() if part.strip())  # e.g. YAML's pointers
+        print(f"srbinarize {args.command}: error: {one_line}", file=sys.stderr)
         return 2
 
 

@@ -271,3 +271,16 @@ def test_arch_kwargs_must_be_a_json_object(fp_file, tmp_path, capsys, value):
                  ["inspect", str(fp_file), "--arch-kwargs", value]):
         _one_line_exit_2(argv, capsys, "--arch-kwargs", value, "expected an object")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_description_of_a_huge_model_is_refused_before_building(converted, tmp_path):
+    """A few bytes of metadata must not exhaust memory: sizes are checked (on the meta device) first."""
+    tensors, meta = load_file(str(converted)), read_metadata(converted)
+    huge = {"target": SPEC.target, "kwargs": {**SPEC.kwargs, "num_feat": 60000}}  # 32 G parameters
+    absurd = {"target": SPEC.target, "kwargs": {**SPEC.kwargs, "num_block": 10**9}}
+    for name, spec, message in (("huge", huge, r"would hold [\d,]+ parameters, above"),
+                                ("absurd", absurd, r"num_block=1000000000 is above 65536")):
+        path = tmp_path / f"{name}.safetensors"
+        atomic_save_tensors(tensors, path, {**meta, "model": json.dumps(spec)})
+        with pytest.raises(CheckpointError, match=rf"{name}\.safetensors.*{message}"):
+            load_model(path)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import SrbinarizeError
@@ -31,6 +33,11 @@ BUILTIN_SOURCES: tuple[str, ...] = (
     "spandrel_extra_arches.architectures",
     "srbinarize.models",
 )
+
+#: A described model may hold at most this many parameters and buffers (4 GiB as float32).
+MAX_PARAMETERS = 1 << 30
+#: Integer arguments of a described model (features, blocks, scale, ...) may be at most this large.
+MAX_INTEGER_ARG = 1 << 16
 
 _ALLOWED: ContextVar[tuple[str, ...]] = ContextVar("srbinarize_allowed_architectures", default=())
 
@@ -85,6 +92,41 @@ def check_allowed(target: str, allow: Iterable[str] = (), source: str = "") -> N
     )
 
 
+def _integers(value: Any) -> Iterator[int]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _integers(v)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _integers(v)
+
+
+def _check_size(target: str, cls: type, kwargs: Mapping[str, Any], at: str) -> None:
+    """Refuse a description that would build a huge model (a small file must not exhaust memory).
+
+    Integer arguments above `MAX_INTEGER_ARG` are refused outright (they size loops and layers); then the
+    model is built on the meta device (no memory) to count its parameters, when its constructor allows that.
+    """
+    big = [(k, i) for k, v in kwargs.items() for i in _integers(v) if abs(i) > MAX_INTEGER_ARG]
+    if big:
+        raise ModelSpecError(f"{at}{target}: argument {big[0][0]}={big[0][1]} is above {MAX_INTEGER_ARG}; "
+                             "not a plausible size for an SR model")
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = cls(**kwargs)
+            count = sum(t.numel() for t in (*meta.parameters(), *meta.buffers()))
+    except Exception:  # constructors that compute with tensor values cannot run on meta: built for real below
+        return
+    if count > MAX_PARAMETERS:
+        raise ModelSpecError(f"{at}{target}(**{dict(kwargs)}) would hold {count:,} parameters, above "
+                             f"{MAX_PARAMETERS:,}; not a plausible SR model")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """An importable ``nn.Module`` class and the keyword arguments that build the FP model.
@@ -118,6 +160,7 @@ class ModelSpec:
             raise ModelSpecError(f"{at}cannot import architecture '{self.target}': {err}") from None
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ModelSpecError(f"{at}architecture '{self.target}' is a {type(cls).__name__}, not an nn.Module class")
+        _check_size(self.target, cls, self.kwargs, at)
         try:
             model = cls(**self.kwargs)
         except Exception as err:  # a constructor rejects its arguments in many ways (TypeError, assert, ...)

@@ -64,8 +64,9 @@ def save_fp_model(
     """Write ``model``'s state dict as safetensors (cast to ``dtype``) with its spec in the metadata."""
     from safetensors.torch import save_file
 
+    from ..atomic import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in model.state_dict().items()
@@ -73,20 +74,25 @@ def save_fp_model(
     meta = {SPEC_KEY: spec.to_json()}
     if info is not None:
         meta[INFO_KEY] = json.dumps(info, sort_keys=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
 def zoo_info(name_or_path: str | Path) -> dict[str, Any]:
     """The training record stored with a zoo model (config, budget, measured PSNR)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = zoo_path(name_or_path) if is_zoo_name(name_or_path) or not Path(name_or_path).exists() else name_or_path
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get(INFO_KEY, "{}"))
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        info = json.loads(meta.get(INFO_KEY, "{}"))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ZooError(f"{path}: no readable zoo record ({type(err).__name__}: {err})") from None
+    if not isinstance(info, dict):
+        raise ZooError(f"{path}: the zoo record is a {type(info).__name__}, expected an object")
+    return info
 
 
 # The architectures of the zoo models (``python -m srbinarize.train.zoo_trainer --arch``).
