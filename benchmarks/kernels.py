@@ -122,9 +122,8 @@ def main(argv=None) -> None:
                 now = " ".join(Path("/proc/loadavg").read_text().split()[:3])
                 ms = interleaved_medians(sessions, {"X": x}, args.runs)
                 del sessions
-                rows.append(
-                    f"| {title} | {threads} | {p} | {now} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ms['fp32'] / ms[p]:.2f}x |"
-                )
+                ratio = ms["fp32"] / ms[p]
+                rows.append(f"| {title} | {threads} | {p} | {now} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ratio:.2f}x |")
                 print(rows[-1], flush=True)
     if forced is None:
         os.environ.pop(KERNEL_ENV, None)

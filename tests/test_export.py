@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import DATA, edsr, msrresnet
@@ -212,3 +213,37 @@ def test_scales_swinir_binary_linears_at_sizes_other_than_the_export_size(skip, 
     # The export size, a size the blocks were not built for (the shifted-window mask is computed in the
     # graph from the runtime size), and a batch of 2 (the batch is not baked into the window reshapes).
     check_parity(model, path, sizes=((16, 16), (12, 20), (20, 8)))
+
+
+def test_int8_remainder_runs_as_qlinearconv_within_tolerance(tmp_path):
+    """remainder="int8": head, upsampler and tail as int8 QDQ. Tolerance against the same export with an FP32
+    remainder, on images like the calibration batch, relative to the output's range: mean |error| <= 1%, RMS
+    <= 2%, max <= 25% (a small change of the head's output flips some activation signs of the binary layers
+    after it, which moves single pixels much more than the int8 rounding itself)."""
+    model = with_active_branches(srbinarize.convert(edsr(num_block=2), "scales").eval())
+    calib = set5_crops((24, 24), n=4)
+    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
+    q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib)
+    assert q.int8 == ["conv_first", "upsample.0", "conv_last"] and not fp.int8
+    assert not any(line.startswith(("conv_first:", "upsample.0:", "conv_last:")) for line in q.fp)
+    optimized = tmp_path / "q_opt.onnx"
+    ort_session(q.path, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                optimized_model_filepath=str(optimized))
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops
+    x = set5_crops((20, 28), n=2).numpy()
+    ref = ort_session(fp.path).run(None, {"x": x})[0]
+    y = ort_session(q.path).run(None, {"x": x})[0]
+    err, span = np.abs(y - ref), float(ref.max() - ref.min())
+    rms = float(np.sqrt((err**2).mean()))
+    assert 0 < err.mean() <= 0.01 * span and rms <= 0.02 * span and err.max() <= 0.25 * span, (rms, err.max(), span)
+
+
+def test_int8_remainder_bad_arguments(tmp_path):
+    model = srbinarize.convert(edsr(num_block=1), "scales").eval()
+    with pytest.raises(OnnxExportError, match="remainder='int4'"):
+        export_onnx(model, tmp_path / "m.onnx", remainder="int4")
+    with pytest.raises(OnnxExportError, match="remainder_weight_bits=4"):
+        export_onnx(model, tmp_path / "m.onnx", remainder="int8", remainder_weight_bits=4)
+    with pytest.raises(OnnxExportError, match=r"calibration_data must be \(N, 3, H, W\)"):
+        export_onnx(model, tmp_path / "m.onnx", remainder="int8", calibration_data=torch.rand(2, 1, 8, 8))

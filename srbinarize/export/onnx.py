@@ -69,6 +69,8 @@ class ExportReport:
     packed: list[str] = field(default_factory=list)  # "name: BinaryConv2d 64->64 k3 [spatial, skip]"
     fp: list[str] = field(default_factory=list)  # "name: why it stays FP"
     file_bytes: int = 0
+    fp_convs: list[str] = field(default_factory=list)  # module names of the plain convs the recipe left FP
+    int8: list[str] = field(default_factory=list)  # of those, the ones written as int8 QDQ (remainder="int8")
     qdq: list[str] = field(default_factory=list)  # FQSR layers, written as QuantizeLinear / DequantizeLinear
 
     def __str__(self) -> str:
@@ -76,6 +78,8 @@ class ExportReport:
         lines += [f"  {p}" for p in self.packed]
         if self.qdq:
             lines += [f"quantized (QDQ): {len(self.qdq)}", *(f"  {q}" for q in self.qdq)]
+        if self.int8:
+            lines.append(f"int8 QDQ (onnxruntime QLinearConv): {', '.join(self.int8)}")
         lines.append("stayed FP (standard ONNX ops):")
         lines += [f"  {p}" for p in self.fp]
         return "\n".join(lines)
@@ -328,6 +332,8 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
                 side += 1
             else:
                 report.fp.append(f"{name}: {type(m).__name__} not converted by the recipe")
+                if type(m) is nn.Conv2d and m.groups == 1:
+                    report.fp_convs.append(name)
     if side:
         report.fp.append(f"{side} re-scaling branches of SCALES layers (spatial map / channel vector)")
     try:
@@ -466,11 +472,130 @@ def _finish(model: onnx.ModelProto) -> None:
     _compact_names(graph)
 
 
+REMAINDERS = ("fp32", "int8")
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI or AVX-VNNI (Linux /proc/cpuinfo; False where unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _activation_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """uint8 asymmetric scale and zero point covering [min(lo, 0), max(hi, 0)]."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 if hi > lo else 1.0
+    return float(np.float32(scale)), int(np.clip(round(-lo / scale), 0, 255))
+
+
+def _remainder_int8(proto: onnx.ModelProto, names: list[str], batch: np.ndarray, weight_bits: int) -> list[str]:
+    """Rewrite the plain FP convs named `names` (module paths) as int8 QDQ that onnxruntime fuses to QLinearConv.
+
+    Input and output activations: uint8, per tensor, min / max over `batch` (run through the graph itself);
+    weights: int8 symmetric per output channel, codes within +-(2**(weight_bits-1) - 1); bias: int32 on the
+    grid of input step x weight step. Returns the names rewritten.
+    """
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    wanted = {f"{n}.weight": n for n in names}
+    targets = [n for n in graph.node if n.op_type == "Conv" and len(n.input) >= 2 and n.input[1] in wanted
+               and all(a.name != "group" or a.i == 1 for a in n.attribute)]
+    if not targets:
+        return []
+    tensors = list(dict.fromkeys([n.input[0] for n in targets] + [n.output[0] for n in targets]))
+    probe = copy.deepcopy(proto)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors
+                              if t not in known)
+    from ..runtime import ort_session
+
+    session = ort_session(probe.SerializeToString(), config={"session.intra_op.allow_spinning": "0"})
+    out_names = [o.name for o in session.get_outputs()]
+    lo = dict.fromkeys(tensors, np.inf)
+    hi = dict.fromkeys(tensors, -np.inf)
+    for start in range(0, len(batch), 4):
+        values = dict(zip(out_names, session.run(None, {"x": batch[start:start + 4]}), strict=True))
+        for t in tensors:
+            lo[t], hi[t] = min(lo[t], float(values[t].min())), max(hi[t], float(values[t].max()))
+    del session
+
+    qmax = 2 ** (weight_bits - 1) - 1
+    new_inits: list[onnx.TensorProto] = []
+    dequantized: dict[str, str] = {}
+
+    def const(name: str, value: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def qdq(tensor: str, nodes: list, source: str | None = None) -> str:
+        """Q -> DQ of `source` (default `tensor`) with `tensor`'s range; returns the dequantized name."""
+        scale, zero = _activation_qparams(lo[tensor], hi[tensor])
+        s = const(f"{tensor}.q.scale", np.array(scale, np.float32))
+        z = const(f"{tensor}.q.zero", np.array(zero, np.uint8))
+        nodes.append(helper.make_node("QuantizeLinear", [source or tensor, s, z], [f"{tensor}.q"], name=f"{tensor}.Q"))
+        out = f"{tensor}.dq" if source is None else tensor
+        nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}.q", s, z], [out], name=f"{tensor}.DQ"))
+        return out
+
+    done = []
+    for node in targets:
+        index = list(graph.node).index(node)
+        before, after = [], []
+        x = node.input[0]
+        if x not in dequantized:
+            dequantized[x] = qdq(x, before)
+        w_name = node.input[1]
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        w_scale = (np.abs(w).reshape(len(w), -1).max(axis=1) / qmax).astype(np.float32)
+        w_scale[w_scale == 0] = 1.0
+        codes = np.clip(np.round(w / w_scale.reshape(-1, 1, 1, 1)), -qmax, qmax).astype(np.int8)
+        graph.initializer.remove(inits[w_name])
+        before.append(helper.make_node(
+            "DequantizeLinear",
+            [const(f"{w_name}.int8", codes), const(f"{w_name}.scale", w_scale),
+             const(f"{w_name}.zero", np.zeros(len(w), np.int8))],
+            [f"{w_name}.dq"], name=f"{w_name}.DQ", axis=0))
+        inputs = [dequantized[x], f"{w_name}.dq"]
+        if len(node.input) > 2 and node.input[2] in inits:
+            b_name = node.input[2]
+            b = numpy_helper.to_array(inits[b_name]).astype(np.float64)
+            x_scale = _activation_qparams(lo[x], hi[x])[0]
+            b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
+            graph.initializer.remove(inits[b_name])
+            before.append(helper.make_node(
+                "DequantizeLinear",
+                [const(f"{b_name}.int32", np.round(b / b_scale).astype(np.int32)), const(f"{b_name}.scale", b_scale),
+                 const(f"{b_name}.zero", np.zeros(len(b), np.int32))],
+                [f"{b_name}.dq"], name=f"{b_name}.DQ", axis=0))
+            inputs.append(f"{b_name}.dq")
+        y = node.output[0]
+        node.input[:] = inputs
+        node.output[:] = [f"{y}.fp"]
+        qdq(y, after, source=f"{y}.fp")
+        for offset, new in enumerate(before):
+            graph.node.insert(index + offset, new)
+        position = index + len(before) + 1
+        for offset, new in enumerate(after):
+            graph.node.insert(position + offset, new)
+        done.append(wanted[w_name])
+    graph.initializer.extend(new_inits)
+    return done
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     example_input: torch.Tensor | None = None,
     opset: int = OPSET,
+    remainder: str = "fp32",
+    calibration_data: torch.Tensor | None = None,
+    remainder_weight_bits: int | None = None,
 ) -> ExportReport:
     """Write a converted (or FP) ``model`` as ONNX to ``path`` (atomically): 1-bit ops, or QDQ for FQSR.
 
@@ -479,7 +604,20 @@ def export_onnx(
     stayed FP. Run the file with `srbinarize.runtime.ort_session` (it registers the kernel library).
     The metadata records ``srbinarize.input_range``, the RGB range of the network inside (1 or 255); ``x``
     and ``y`` of the file are in [0, 1] either way (``srbinarize.io_range``), the scaling is in the graph.
+
+    ``remainder="int8"`` writes the plain convs the recipe left FP (head, upsampler, tail, ``keep_fp``) as
+    int8 QDQ that onnxruntime runs as QLinearConv: activations uint8 per tensor, calibrated (min / max) on
+    ``calibration_data`` (default: the batch `srbinarize.convert` calibrates on by default), weights int8
+    per output channel. ``remainder_weight_bits`` (default: 8 where the exporting CPU has VNNI, else 7):
+    onnxruntime's u8s8 kernels without VNNI (AVX2) add pairs of products in saturating int16, which 7-bit
+    weights cannot overflow; pass 7 for an AVX2 target. Tolerance: see the README (Deploy).
     """
+    if remainder not in REMAINDERS:
+        raise OnnxExportError(f"remainder={remainder!r}: expected one of {REMAINDERS}")
+    if remainder_weight_bits is None:
+        remainder_weight_bits = 8 if cpu_has_vnni() else 7
+    if remainder_weight_bits not in (7, 8):
+        raise OnnxExportError(f"remainder_weight_bits={remainder_weight_bits}: expected 7 or 8")
     fqsr = [(n, m) for n, m in model.named_modules() if isinstance(m, (FqsrConv2d, FqsrAdd))]
     if fqsr:
         return _export_fqsr(model, fqsr, Path(path), example_input, opset)
@@ -505,6 +643,10 @@ def export_onnx(
             )
         proto = onnx.load(tmp)
         _finish(proto)
+        if remainder == "int8" and report.fp_convs:
+            batch = _calibration_batch(model, example_input, calibration_data)
+            report.int8 = _remainder_int8(proto, report.fp_convs, batch, remainder_weight_bits)
+            report.fp = [line for line in report.fp if line.split(":", 1)[0] not in report.int8]
         _document_range(proto, model)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
@@ -528,13 +670,27 @@ def _export_fqsr(model: nn.Module, layers: list, path: Path, example_input: torc
     from .qdq import export_qdq
 
     report = ExportReport(path, qdq=[f"{n}: {type(m).__name__} {m.extra_repr()}" for n, m in layers])
-    with atomic_output(path) as tmp:
+    with atomic_output(path) as tmp, _swin_dynamic_shapes(model):
         export_qdq(model, tmp, example_input, opset)
         proto = onnx.load(tmp)
         _document_range(proto, model)
         onnx.save(proto, tmp)
     report.file_bytes = path.stat().st_size
     return report
+
+
+def _calibration_batch(model: nn.Module, example: torch.Tensor, given: torch.Tensor | None) -> np.ndarray:
+    """The batch the int8 remainder is calibrated on: `given`, else the conversion's default batch."""
+    if given is None:
+        from ..convert import conversion_info, default_calibration_batch
+
+        info = conversion_info(model)
+        if info is None:
+            raise OnnxExportError('remainder="int8" needs calibration_data=...: the model carries no conversion record')
+        given = default_calibration_batch(info.recipe.calibration, info.in_channels)
+    if given.ndim != 4 or given.shape[1] != example.shape[1]:
+        raise OnnxExportError(f"calibration_data must be (N, {example.shape[1]}, H, W), got {tuple(given.shape)}")
+    return given.detach().float().contiguous().numpy()
 
 
 def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -544,4 +700,5 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return work(x)
 
 
-__all__ = ["ExportReport", "OnnxExportError", "deployed_forward", "deployed_output", "export_onnx"]
+__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "cpu_has_vnni", "deployed_forward", "deployed_output",
+           "export_onnx"]
