@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 from torch import nn
@@ -99,3 +101,37 @@ def test_round_trip_through_plain_data():
     recipe = srbinarize.load_recipe("scales")
     again = srbinarize.recipe.recipe_from_dict(recipe.to_dict())
     assert again.layers == recipe.layers and again.targets == recipe.targets and again.train == recipe.train
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("train.optimizer", "adamx", r"optimizer 'adamx' is unknown; expected one of \['adam', 'adamw', 'sgd'\]"),
+    ("train.schedule", "step", r"schedule 'step' is unknown"),
+    ("train.lr", -1, r"lr must be a finite number > 0, got -1.0"),
+    ("train.lr", float("nan"), r"lr must be a finite number > 0, got nan"),
+    ("train.weight_decay", -0.1, r"weight_decay must be a finite number >= 0"),
+    ("train.distill_weight", float("inf"), r"distill_weight must be a finite number >= 0, got inf"),
+    ("train.extra_losses", {"sqcl": -1}, r"extra_losses.sqcl must be a finite number >= 0"),
+    ("train.reconstruct", 1.5, r"share of the budget for reconstruction, in \[0, 1\]; got 1.5"),
+    ("train.warmup_steps", -3, r"warmup_steps must be an integer >= 0, got -3"),
+    ("train.interval_lr", 0, r"interval_lr must be a finite number > 0"),
+])
+def test_train_settings_are_checked_where_they_are_built(key, value, expected):
+    with pytest.raises(RecipeError, match=expected):
+        srbinarize.load_recipe("scales").with_overrides(**{key: value})
+
+
+def test_recipes_load_from_a_checkout_that_shadows_the_installed_package():
+    """From the repository root ``import srbinarize`` is the source tree, which has no ``srbinarize.recipes``
+    (the built package maps it from recipes/). ``python -S`` with the checkout and site-packages on the path is
+    a non-editable install: no editable finder maps the recipes either."""
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{root}{os.pathsep}{sysconfig.get_paths()['purelib']}", "OMP_NUM_THREADS": "1"}
+    code = "import srbinarize; print(srbinarize.__file__, srbinarize.load_recipe('scales').name)"
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(root / "srbinarize" / "__init__.py"), "scales"]
