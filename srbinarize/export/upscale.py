@@ -172,6 +172,7 @@ def upscale_array(
     progress: bool = True,
     dtype: type = np.float32,
     global_ops: list[str] | None = None,
+    luminance: bool = False,
 ) -> np.ndarray:
     """Upscale a float32 ``[C, H, W]`` image in [0, 1]; returns ``[C, sH, sW]``.
 
@@ -179,6 +180,7 @@ def upscale_array(
     0 always whole; N tiles of N input pixels. ``dtype`` float32 gives the raw (unclipped) output; uint8 or
     uint16 gives it clipped to [0, 1] and quantized tile by tile (a quarter or half of the float memory).
     ``global_ops`` (from `global_nodes`) makes tiling warn that tiles differ from the whole image.
+    ``luminance`` turns each 3-channel output tile into its luma (``[1, sH, sW]``), clipped to [0, 1] first.
     """
     from tqdm import tqdm
 
@@ -213,9 +215,11 @@ def upscale_array(
             scale = y.shape[1] // patch.shape[2]
             if y.shape[1] != scale * patch.shape[2] or y.shape[2] != scale * patch.shape[3] or scale < 1:
                 raise UpscaleModelError(f"output {y.shape[1:]} of input {patch.shape[2:]} is not an integer upscale")
-            out = np.empty((y.shape[0], h * scale, w * scale), dtype)
+            out = np.empty((1 if luminance else y.shape[0], h * scale, w * scale), dtype)
         s = scale
         part = y[:, (top - t0) * s : (bottom - t0) * s, (left - l0) * s : (right - l0) * s]
+        if luminance:
+            part = _luminance(np.clip(part, 0.0, 1.0))
         if levels is not None:
             part = np.round(np.clip(part, 0.0, 1.0) * levels)
         out[:, top * s : bottom * s, left * s : right * s] = part
@@ -246,11 +250,8 @@ def upscale_decoded(
     elif channels == 1 and arr.shape[0] == 3:
         arr = _luminance(arr)
     dtype = np.uint16 if levels > 255 else np.uint8
-    if decoded.grey and channels == 3:  # greyscale out: the luminance of the colour result
-        y = np.clip(upscale_array(session, arr, tile, overlap, progress, np.float32, global_ops), 0.0, 1.0)
-        y = np.round(_luminance(y) * levels).astype(dtype)
-    else:
-        y = upscale_array(session, arr, tile, overlap, progress, dtype, global_ops)
+    luma = decoded.grey and channels == 3  # greyscale in, greyscale out: the luminance of the colour result
+    y = upscale_array(session, arr, tile, overlap, progress, dtype, global_ops, luminance=luma)
     alpha = None
     if decoded.alpha is not None:
         a = Image.fromarray(decoded.alpha.astype(np.float32) / levels, "F")
