@@ -56,7 +56,7 @@ from .config import (
 )
 from .data import DataError, EvalSet, TrainPatches
 from .metrics import input_multiple
-from .phases import Phase
+from .phases import Phase, PhaseEnd
 from .phases.end_to_end import FINAL, EndToEnd
 from .phases.reconstruction import Reconstruction
 from .session import SUMMARY_FILE, FinetuneResult, Session, hardware
@@ -124,11 +124,12 @@ def finetune(
 
 
 def _run_phases(s: Session, phases: list[Phase]) -> FinetuneResult:
-    """Each phase not finished yet: plan it on its first start, then run it; stop where one stops."""
-    end = None
+    """Each phase not finished yet (and always the last, which ends the run): plan it on its first start, then
+    run it; stop where one stops."""
+    end = PhaseEnd(True)
     with s.stop:
         for phase in phases:
-            if phase.finished(s.run_dir):
+            if phase.finished(s.run_dir) and phase is not phases[-1]:
                 continue
             if phase.name not in s.cfg.plan:
                 s.cfg.plan[phase.name] = phase.plan(s)
@@ -136,18 +137,16 @@ def _run_phases(s: Session, phases: list[Phase]) -> FinetuneResult:
             end = phase.run(s, s.cfg.plan[phase.name])
             if not end.finished:
                 return s.finish(end.step, end.total, interrupted=True)
-    if end is None:  # every phase was done already
-        raise FinetuneError(f"{s.run_dir}: every phase is finished but {SUMMARY_FILE} is missing")
     return s.finish(end.step, end.total, interrupted=False, out_of_time=end.out_of_time)
 
 
 def _resume(run_dir: Path, progress: bool, call_limit: int | None, started: float) -> FinetuneResult:
     cfg = RunConfig.load(run_dir)
-    if (run_dir / FINAL).is_file() and (run_dir / SUMMARY_FILE).is_file():
-        return _finished(run_dir, started)
     if not (run_dir / TEACHER).is_file():
         raise FinetuneError(f"cannot resume {run_dir}: {TEACHER} is missing (a run started from a module "
                             "without a file to rebuild it cannot be resumed)")
+    if (run_dir / FINAL).is_file() and (run_dir / SUMMARY_FILE).is_file():
+        return _finished(run_dir, started)
     _set_threads(cfg)
     teacher = load_model(run_dir / TEACHER, allow=[cfg.model.arch] if cfg.model.arch else [])
     spec = ModelSpec.from_json(read_metadata(run_dir / TEACHER)["model"])

@@ -192,10 +192,6 @@ class Session:
         return None
 
     # ---- validation
-    def psnr(self, model: nn.Module) -> dict[str, float]:
-        """PSNR-Y of ``model`` on each validation set (no SSIM: baselines and planning)."""
-        return {es.name: evaluate_model(model, es, self.device, ssim=False).psnr for es in self.val_sets}
-
     def add_baseline(self, label: str, model: nn.Module | None = None) -> None:
         """A reference row of the validation figures: ``bicubic``, or ``model`` under ``label``."""
         from .metrics import evaluate_bicubic
