@@ -475,16 +475,6 @@ def _finish(model: onnx.ModelProto) -> None:
 REMAINDERS = ("fp32", "int8")
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has AVX-512 VNNI or AVX-VNNI (Linux /proc/cpuinfo; False where unreadable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 def _activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     """uint8 asymmetric scale and zero point covering [min(lo, 0), max(hi, 0)]."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -700,5 +690,4 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return work(x)
 
 
-__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "cpu_has_vnni", "deployed_forward", "deployed_output",
-           "export_onnx"]
+__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "deployed_forward", "deployed_output", "export_onnx"]

@@ -53,8 +53,10 @@ from torch import nn
 from ..atomic import current_umask
 from ..errors import SrbinarizeError
 from ..layers.fqsr import FqsrConv2d, IntervalQuantizer
+from ..runtime import cpu_has_vnni
 
 OPSET = 17
+WEIGHT_LAYOUTS = ("auto", "s8", "u8")
 INT4_OPSET = 21  # the first opset whose QuantizeLinear / DequantizeLinear take int4 and uint4
 
 
@@ -115,7 +117,9 @@ def _quantizer_forward(self: IntervalQuantizer, v: torch.Tensor) -> torch.Tensor
     return _fake_quant(self, v)
 
 
-def _conv_codes(conv: FqsrConv2d) -> tuple[_Code | torch.Tensor, _Code | torch.Tensor | None]:
+def _conv_codes(
+    conv: FqsrConv2d, s8_weights: bool = False
+) -> tuple[_Code | torch.Tensor, _Code | torch.Tensor | None]:
     """The deployed weight (int8 code) and bias (int32 code on the input x weight grid, else FP)."""
     with torch.no_grad():
         weight: _Code | torch.Tensor = conv.weight.detach().clone()
@@ -124,8 +128,9 @@ def _conv_codes(conv: FqsrConv2d) -> tuple[_Code | torch.Tensor, _Code | torch.T
             w_step = float(conv.weight_q.step())
             code = conv.weight_q.integer(conv.weight)
             lo, hi = conv.weight_q.qrange()
-            # codes within [-64, 63] cannot saturate the u8s8 kernels: int8, the fast path; else uint8 + 128
-            fits = lo >= -64 and hi <= 63
+            # codes within [-64, 63] cannot saturate the u8s8 kernels without VNNI: int8, the fast path; wider
+            # codes int8 too where the target has VNNI (exact int32 sums), else uint8 + 128 (exact u8u8 kernels)
+            fits = s8_weights or (lo >= -64 and hi <= 63)
             weight = _Code(code, w_step, torch.int8) if fits else _Code(code, w_step, torch.uint8, 128)
             if bias is not None and conv.input_q is not None:
                 b_step = float(conv.input_q.step()) * w_step
@@ -155,8 +160,11 @@ def _check_ready(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def deployed_forward(model: nn.Module) -> Iterator[None]:
-    """Inside: FQSR modules compute (and export as) their deployed QDQ form; restored on exit."""
+def deployed_forward(model: nn.Module, s8_weights: bool = False) -> Iterator[None]:
+    """Inside: FQSR modules compute (and export as) their deployed QDQ form; restored on exit.
+
+    ``s8_weights``: 8-bit weight codes as int8 too (the VNNI layout, see `export_qdq`'s ``weight_layout``).
+    """
     patched = []
     for m in model.modules():
         if isinstance(m, IntervalQuantizer):
@@ -164,7 +172,7 @@ def deployed_forward(model: nn.Module) -> Iterator[None]:
             m.forward = types.MethodType(_quantizer_forward, m)
         elif isinstance(m, FqsrConv2d):
             patched.append(m)
-            m._deployed = _conv_codes(m)
+            m._deployed = _conv_codes(m, s8_weights)
             m.forward = types.MethodType(_conv_forward, m)
     try:
         yield
@@ -256,13 +264,22 @@ def export_qdq(
     example_input: torch.Tensor | None = None,
     opset: int = OPSET,
     int4: bool = False,
+    weight_layout: str = "auto",
 ) -> Path:
     """Write an FQSR-converted ``model`` as QDQ ONNX to ``path`` (atomically); input ``x``, output ``y``.
 
     ``example_input`` (default: a 1xCx32x32 image, C from the conversion record) only fixes the
     rank and channels: batch, height and width are dynamic. ``int4=True`` stores codes of at most 4 bits
     in 4-bit containers (opset 21; see the module doc: smaller, but no integer convs in onnxruntime).
+
+    ``weight_layout`` of 8-bit weight codes (7 bits and fewer are always int8): ``"s8"`` int8, exact and fast
+    where the CPU running the file has VNNI (AVX512-VNNI / AVX-VNNI: int32 sums of u8 x s8 products), but
+    saturating on AVX2 without it; ``"u8"`` the code + 128 as uint8, exact everywhere and on AVX2 no faster
+    than FP32; ``"auto"`` (default) ``"s8"`` if the exporting CPU has VNNI, else ``"u8"``.
     """
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise QdqExportError(f"weight_layout={weight_layout!r}: expected one of {WEIGHT_LAYOUTS}")
+    s8 = weight_layout == "s8" or (weight_layout == "auto" and cpu_has_vnni())
     _check_ready(model)
     work = copy.deepcopy(model).eval()
     if example_input is None:
@@ -276,7 +293,7 @@ def export_qdq(
     os.close(fd)
     axes = {0: "batch", 2: "height", 3: "width"}
     try:
-        with deployed_forward(work), torch.no_grad(), warnings.catch_warnings():
+        with deployed_forward(work, s8), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 work, (example_input,), tmp, dynamo=False, opset_version=opset, input_names=["x"],
@@ -322,4 +339,6 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-__all__ = ["QdqExportError", "deployed_forward", "deployed_output", "export_qdq", "fp32_onnx", "to_int4"]
+__all__ = [
+    "WEIGHT_LAYOUTS", "QdqExportError", "deployed_forward", "deployed_output", "export_qdq", "fp32_onnx", "to_int4"
+]

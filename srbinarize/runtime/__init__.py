@@ -20,6 +20,7 @@ __all__ = [
     "KERNEL_ENV",
     "KERNEL_PATHS",
     "LIBRARY_ENV",
+    "cpu_has_vnni",
     "kernel_path",
     "kernel_supported",
     "library_path",
@@ -33,6 +34,16 @@ KERNEL_ENV = "SRBINARIZE_KERNEL"
 KERNEL_PATHS = ("avx512", "avx2", "scalar")
 LIBRARY_ENV = "SRBINARIZE_ORT_LIBRARY"  # use another build of the library (e.g. the sanitized one)
 _LIBRARY_NAME = "libsrbinarize_ort.so"
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI or AVX-VNNI (Linux /proc/cpuinfo; False where unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def library_path() -> Path:
