@@ -1,8 +1,8 @@
 """The pretrained x4 models of ``../shared/models`` (relative to the repo root), loaded per its models.yaml.
 
-Each model's folder goes on ``sys.path`` only while its code is imported, and the top-level packages it
-brought in are dropped from ``sys.modules`` afterwards: team10_repafdn imports its code as a package named
-``models``, which must neither shadow nor be shadowed by another ``models``.
+Each model's folder goes on ``sys.path`` only while its code is imported. team10_repafdn imports its code
+as a top-level package named ``models``: a ``models`` imported before is set aside during the import and
+restored after it (the model's classes keep their code), so neither shadows the other.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def load(name: str, root: Path = ROOT) -> nn.Module:
     folder = str(root / e["folder"])
     module_name, _, class_name = e["import"].partition(":")
     top = module_name.split(".")[0]
-    saved = {k: v for k, v in sys.modules.items() if k == top or k.startswith(top + ".")}
+    ours = getattr(sys.modules.get(top), "__file__", None) or ""
+    saved = {} if ours.startswith(folder) else {
+        k: v for k, v in sys.modules.items() if k == top or k.startswith(top + ".")}
     for k in saved:
         del sys.modules[k]
     sys.path.insert(0, folder)
@@ -52,9 +54,10 @@ def load(name: str, root: Path = ROOT) -> nn.Module:
         cls = getattr(importlib.import_module(module_name), class_name)
     finally:
         sys.path.remove(folder)
-        for k in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+        if saved:
+            for k in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+                del sys.modules[k]
+            sys.modules.update(saved)
     model = cls(**e["kwargs"])
     model.load_state_dict(load_file(str(root / e["folder"] / e["weights"])), strict=True)
     return model.eval()

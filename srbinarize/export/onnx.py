@@ -46,7 +46,7 @@ from ..errors import SrbinarizeError
 from ..layers.bam import BamConv2d, _statistic
 from ..layers.base import QuantLayer
 from ..layers.fqsr import FqsrAdd, FqsrConv2d
-from ..layers.lmb import LmbConv2d, local_mean
+from ..layers.lmb import LmbConv2d, centered
 from ..layers.ma import MaConv2d
 from ..layers.scales import ScalesConv2d, _ScalesBase
 from ..models.input_range import model_input_range
@@ -216,7 +216,7 @@ def _lmb_forward(self: LmbConv2d, x: torch.Tensor) -> torch.Tensor:
     dep = self._deployed_form
     if not dep.binary_activations:
         return _weight_only(x, self._packed_bits, dep, padding=dep.padding)
-    return _BinaryOp.apply(x - local_mean(x, dep.window), None, None, self._deployed)
+    return _BinaryOp.apply(centered(x, dep.window), None, None, self._deployed)
 
 
 def _ma_forward(self: MaConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -475,6 +475,16 @@ def _finish(model: onnx.ModelProto) -> None:
 REMAINDERS = ("fp32", "int8")
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI or AVX-VNNI (Linux /proc/cpuinfo; False where unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def _activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     """uint8 asymmetric scale and zero point covering [min(lo, 0), max(hi, 0)]."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -690,4 +700,5 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return work(x)
 
 
-__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "deployed_forward", "deployed_output", "export_onnx"]
+__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "cpu_has_vnni", "deployed_forward", "deployed_output",
+           "export_onnx"]

@@ -12,6 +12,8 @@
   forms where nothing later reads the overwritten tensor: autograd needs the sigmoid's output intact, and
   a replaced layer's output may be saved for backward. If the graph then no longer reproduces the model,
   the in-place ops are kept.
+- ``x.data`` read only for its size (IMDTN's ``channel_shuffle``: ``x.data.size()``) becomes ``x``: the
+  ONNX exporter's trace treats ``.data`` as a constant, which would bake the example's size into the file.
 - The traced module is checked numerically against the original on an example input.
 """
 
@@ -119,6 +121,22 @@ def functionalize_inplace(gm: fx.GraphModule) -> int:
     return count
 
 
+def _drop_data_for_sizes(gm: fx.GraphModule) -> int:
+    """``x.data.size()`` / ``x.data.shape`` -> ``x.size()`` / ``x.shape``; returns how many ``.data`` went."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        if not (n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] == "data"):
+            continue
+        if all((u.op == "call_method" and u.target in ("size", "dim")) or
+               (u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",)) for u in n.users):
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def _erase_after(graph: fx.Graph, last_kept: fx.Node | None) -> None:
     nodes = list(graph.nodes)
     start = nodes.index(last_kept) + 1 if last_kept is not None else 0
@@ -158,8 +176,10 @@ def trace(model: nn.Module, example: torch.Tensor, leaf_types: Sequence[type] = 
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     with torch.no_grad():
         expected = model(example)
+    _drop_data_for_sizes(gm)
     if functionalize_inplace(gm) and not _reproduces(gm, example, expected):
         gm = fx.GraphModule(model, _retrace(tracer, model, wrapped), class_name=type(model).__name__)
+        _drop_data_for_sizes(gm)
     if not _reproduces(gm, example, expected):
         raise TraceFailure("the traced graph does not reproduce the model's output on the example input")
     return TraceResult(gm, sorted(set(tracer.auto_leaves)))

@@ -55,12 +55,25 @@ def local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return F.avg_pool2d(x, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
+#: Relative margin by which ``x`` may fall short of its local mean and still count as ``>=``. After a binary
+#: layer, features take few distinct values, so ``x == local mean`` is common; PyTorch and onnxruntime then
+#: get ``0`` or ``+-1 ulp`` in different places (their window sums add in different orders) and the sign
+#: flips. The margin, far above rounding and far below the steps between distinct values, settles ties as +1.
+TIE_MARGIN = 2.0**-16
+
+
+def centered(x: torch.Tensor, window: int) -> torch.Tensor:
+    """``x - local_mean(x)`` plus the tie margin: what the binary activation takes the sign of."""
+    m = local_mean(x, window)
+    return x - m + TIE_MARGIN * (x.abs() + m.abs()).detach()
+
+
 @dataclass
 class LmbDeployed:
     """What the exporter writes for one LMB conv.
 
     Pre-op (FP, only if ``binary_activations``): ``t = AveragePool(x, window, stride 1, pads window // 2,
-    count_include_pad 0)``; binary activations ``+1 if x >= t else -1``. Binary conv:
+    count_include_pad 0)``; binary activations ``+1 if x - t + TIE_MARGIN (|x| + |t|) >= 0 else -1``. Binary conv:
     ``y = conv(a, weight_pm1, padding, zero-padded) * scale[o] + bias[o]``.
     """
 
@@ -73,7 +86,7 @@ class LmbDeployed:
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The deployed computation in PyTorch (what an exported graph must reproduce)."""
-        a = sign_pm1(x - local_mean(x, self.window)) if self.binary_activations else x
+        a = sign_pm1(centered(x, self.window)) if self.binary_activations else x
         y = F.conv2d(a, self.weight_pm1, padding=self.padding) * self.scale.view(1, -1, 1, 1)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
@@ -124,7 +137,7 @@ class LmbConv2d(QuantLayer):
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        a = sign_ste(x - self.threshold(x), self.act_window, cfg.ste) if cfg.binarize_activations else x
+        a = sign_ste(centered(x, cfg.window), self.act_window, cfg.ste) if cfg.binarize_activations else x
         w = sign_ste(self.weight, self.weight_window(), cfg.ste) if cfg.binarize_weights else self.weight
         return F.conv2d(a, w, padding=self.kernel_size // 2) * self.output_scale().view(1, -1, 1, 1)
 
