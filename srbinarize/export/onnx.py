@@ -50,7 +50,7 @@ from ..layers.lmb import LmbConv2d, centered
 from ..layers.ma import MaConv2d
 from ..layers.scales import ScalesConv2d, _ScalesBase
 from ..models.input_range import model_input_range
-from ..runtime import DOMAIN
+from ..runtime import DOMAIN, cpu_has_vnni
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
 
 OPSET = 17
@@ -475,16 +475,6 @@ def _finish(model: onnx.ModelProto) -> None:
 REMAINDERS = ("fp32", "int8")
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this CPU has AVX-512 VNNI or AVX-VNNI (Linux /proc/cpuinfo; False where unreadable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 def _activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     """uint8 asymmetric scale and zero point covering [min(lo, 0), max(hi, 0)]."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -700,5 +690,4 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return work(x)
 
 
-__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "cpu_has_vnni", "deployed_forward", "deployed_output",
-           "export_onnx"]
+__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "deployed_forward", "deployed_output", "export_onnx"]
