@@ -205,3 +205,26 @@ def test_a_run_folder_of_the_earlier_format_is_refused(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "earlier run format" in err and "\n" not in err
     assert sorted(p.name for p in old.iterdir()) == before
+
+
+def test_run_config_is_one_file_that_reads_back_the_same(tmp_path):
+    from srbinarize.recipe import load_recipe
+    from srbinarize.train.config import ModelConfig, RunConfig
+
+    cfg = RunConfig(ModelConfig("zoo:edsr-x2", scale=2), load_recipe("fqsr").with_overrides(**{"train.lr": 5e-4}),
+                    DataConfig(train=[str(tmp_path / "a"), str(tmp_path / "b")], val=str(tmp_path / "v"), batch=4),
+                    Budget(minutes=1.5), RunSettings(out=str(tmp_path), seed=3, device="cpu"),
+                    {"end_to_end": {"steps": 7, "warmup_steps": 1}})
+    cfg.save(tmp_path)
+    again = RunConfig.load(tmp_path)
+    assert again.to_dict() == cfg.to_dict()
+    assert again.recipe.train.lr == 5e-4 and again.data.train == cfg.data.train and again.budget.minutes == 1.5
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert set(stored) == {"format", "model", "recipe", "data", "budget", "run", "plan"}
+    assert "lr" in stored["recipe"]["train"] and not any("lr" in stored[k] for k in ("data", "budget", "run"))
+
+
+def test_an_unknown_training_setting_is_named(tiny, tmp_path):
+    with pytest.raises(FinetuneError, match=r"unknown training setting\(s\) \['lrr'\]"):
+        _run(tiny, tmp_path / "run", lrr=1e-3)
+    assert not (tmp_path / "run").exists()
