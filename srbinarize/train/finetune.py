@@ -87,6 +87,8 @@ def finetune(
     """
     started = time.time()
     if resume is not None:
+        if model is not None or data or budget or run or train_overrides:
+            raise FinetuneError(f"resume={resume} continues with the run's stored settings: give nothing else")
         return _resume(Path(resume), progress, max_steps_this_call, started)
     cfg, module = _new_config(model, recipe, data, budget, run, train_overrides)
     run_dir = Path(cfg.run.out)
