@@ -246,10 +246,10 @@ def test_a_model_that_is_not_super_resolution_is_refused(tmp_path, capsys):
     cases = {identity: "maps 16x16 to 16x16: not a super-resolution model",
              grey: "maps 3-channel images to 1 channels", four: "4-channel inputs"}
     for model, message in cases.items():
-        with pytest.raises(UpscaleModelError, match=message):
+        with pytest.raises(UpscaleModelError, match=rf"{model.name}: .*{message}"):
             upscale_file(model, tmp_path / "in.png", tmp_path / "out.png", progress=False)
         _one_line_exit_2(["upscale", str(model), str(tmp_path / "in.png"), str(tmp_path / "out.png")], capsys,
-                         message)
+                         message, str(model))
     nan = _onnx_model(tmp_path, "nan", [
         helper.make_node("Constant", [], ["z"], value_float=0.0),
         helper.make_node("Div", ["z", "z"], ["n"]),
@@ -257,7 +257,7 @@ def test_a_model_that_is_not_super_resolution_is_refused(tmp_path, capsys):
         helper.make_node("Resize", ["x", "", "sc"], ["r"], mode="nearest"),
         helper.make_node("Mul", ["r", "n"], ["y"]),
     ])
-    with pytest.raises(ImageError, match="NaN or infinite"):
+    with pytest.raises(UpscaleModelError, match=r"nan\.onnx: the model gave NaN or infinite values"):
         upscale_file(nan, tmp_path / "in.png", tmp_path / "out.png", progress=False)
     assert not (tmp_path / "out.png").exists()
 

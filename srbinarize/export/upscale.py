@@ -139,7 +139,7 @@ def _run(session, name: str, patch: np.ndarray, where: str) -> np.ndarray:
     if y.ndim != 4 or y.shape[0] != 1:
         raise UpscaleModelError(f"the model's output has shape {tuple(y.shape)}; an SR model gives [1, C, sH, sW]")
     if not np.isfinite(y).all():
-        raise ImageError(f"the model gave NaN or infinite values for {where}")
+        raise UpscaleModelError(f"the model gave NaN or infinite values for {where}")
     return y[0]
 
 
@@ -329,7 +329,11 @@ def upscale_file(
             global_ops = global_nodes(model)
         except Exception:  # a model onnxruntime loads but onnx cannot parse: no tiling warning
             global_ops = None
-    pixels, alpha = upscale_decoded(session, decoded, tile, overlap, progress, global_ops)
+    try:
+        pixels, alpha = upscale_decoded(session, decoded, tile, overlap, progress, global_ops)
+    except UpscaleModelError as err:
+        label = str(model) if isinstance(model, (str, os.PathLike)) else "the given session"
+        raise UpscaleModelError(f"{label}: {err}") from None
     data = encode_image(pixels, alpha, fmt)
     with atomic_output(output_path) as tmp:
         tmp.write_bytes(data)
