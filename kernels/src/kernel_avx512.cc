@@ -94,7 +94,6 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
         }
         __m512i bit = first_bit;
         for (int c = c0; c < c1; ++c) {
-          _mm_prefetch(reinterpret_cast<const char*>(src + c * channel_stride + p + 128), _MM_HINT_T0);
           const __m512 v = _mm512_maskz_loadu_ps(valid, src + c * channel_stride + p);
           const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(threshold[c]), _CMP_GE_OQ);
           lo = _mm512_mask_or_epi64(lo, __mmask8(m), lo, bit);
@@ -164,8 +163,16 @@ inline void row_tile(const ConvRow& a, int p, int np) {
 }
 
 void conv_row(const ConvRow& a) {
-  for (int p = 0; p < a.width; p += 32) {
+  const int tiles = (a.width + 31) / 32;
+  const int per_tile = (a.prefetch_rows + tiles - 1) / tiles;  // prefetched rows per tile
+  for (int p = 0, t = 0; p < a.width; p += 32, ++t) {
     const int np = a.width - p < 32 ? a.width - p : 32;
+    if (a.prefetch) {
+      const int r1 = a.prefetch_rows < (t + 1) * per_tile ? a.prefetch_rows : (t + 1) * per_tile;
+      for (int r = t * per_tile; r < r1; ++r)
+        for (int q = 0; q < a.width; q += 16)
+          _mm_prefetch(reinterpret_cast<const char*>(a.prefetch + r * a.prefetch_stride + q), _MM_HINT_T1);
+    }
     if (np > 16) {
       row_tile<4>(a, p, np);
     } else {

@@ -62,6 +62,11 @@ struct ConvRow {
   const float* skip;     // skip[o * plane + p], or nullptr
   ptrdiff_t plane;
   float* y;
+  // Software prefetch, spread over the row's tiles: prefetch_rows rows of `width` floats at
+  // prefetch + r * prefetch_stride (the input the caller packs next), or nullptr.
+  const float* prefetch;
+  ptrdiff_t prefetch_stride;
+  int prefetch_rows;
 };
 
 struct Kernels {
