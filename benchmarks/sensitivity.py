@@ -1,7 +1,7 @@
 """Per-layer sensitivity of the shared pretrained x4 models, and the mixed point it picks.
 
     nice -n 10 .venv/bin/python benchmarks/sensitivity.py --models team01_efdn team06_v1 team10_repafdn \\
-        --threads 2 -o benchmarks/results/sensitivity
+        --threads 1 -o benchmarks/results/sensitivity
 
 For each model of ``../shared/models`` (loaded per its models.yaml, each in its own process: team10's code
 is a top-level package named ``models``): `srbinarize.analysis.sensitivity` with the recipe on ``--crops``
@@ -94,7 +94,9 @@ def main() -> None:
     p.add_argument("--crops", type=int, default=4)
     p.add_argument("--crop-size", type=int, default=48)
     p.add_argument("--binary-share", type=float, default=0.75)
-    p.add_argument("--threads", type=int, default=2)
+    # One thread: on the shared 2-core machine at load 5-9, two OpenMP threads made a forward pass 20-25x slower
+    # (oversubscription), one thread did not (measured 09:30 UTC: EFDN converted, 4 crops of 48x48, 14 s vs 0.9 s).
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("-o", "--output", default=str(REPO / "benchmarks" / "results" / "sensitivity"))
     p.add_argument("--one", help=argparse.SUPPRESS)  # one model, in this process (the driver starts these)
     args = p.parse_args()

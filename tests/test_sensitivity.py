@@ -125,7 +125,7 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     save_file(edsr(num_block=2, num_feat=8, upscale=2).state_dict(), str(ckpt))
     prefix = tmp_path / "out" / "rep"
     rc = main(["inspect", "--sensitivity", str(ckpt), "--crops", "2", "--crop-size", "16",
-               "--binary-share", "0.6", "-o", str(prefix)])
+               "--binary-share", "0.6", "--threads", "1", "-o", str(prefix)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "conv_after_body" in out and "--set 'keep_fp=[" in out

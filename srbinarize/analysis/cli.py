@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..convert import conversion_info
@@ -32,6 +33,8 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--by", choices=("gain", "drop"), default="gain",
                    help="measure the choice adds up: gain (layer alone kept FP, rest converted; default) or drop "
                    "(layer alone converted, rest FP)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default; 1 is the fast choice on a loaded machine)")
     g.add_argument("-o", "--output", type=Path, metavar="PREFIX",
                    help="report prefix: writes PREFIX.md, PREFIX.json, PREFIX.png (default: sensitivity_<model>)")
 
@@ -42,8 +45,15 @@ def run_sensitivity(model: nn.Module, args: argparse.Namespace) -> None:
     if conversion_info(model) is not None:
         raise SensitivityError(f"{args.model} is already converted: give the pretrained FP checkpoint")
     name = Path(args.model).stem
-    report = sensitivity(model, args.recipe, args.images, crops=args.crops, crop_size=args.crop_size,
-                         input_range=args.input_range, name=name, **key_values(args.set, "--set"))
+    if args.threads < 0:
+        raise SensitivityError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        report = sensitivity(model, args.recipe, args.images, crops=args.crops, crop_size=args.crop_size,
+                             input_range=args.input_range, name=name, **key_values(args.set, "--set"))
+    finally:
+        torch.set_num_threads(threads)
     print(report)
     choices = []
     if args.binary_share is not None or args.max_drop is not None:
@@ -62,7 +72,7 @@ def _command(args: argparse.Namespace) -> list[str]:
         cmd += ["--arch", args.arch, "--arch-kwargs", args.arch_kwargs]
     if args.images:
         cmd += ["--images", args.images]
-    cmd += ["--crops", str(args.crops), "--crop-size", str(args.crop_size)]
+    cmd += ["--crops", str(args.crops), "--crop-size", str(args.crop_size), "--threads", str(args.threads)]
     if args.input_range is not None:
         cmd += ["--input-range", f"{args.input_range:g}"]
     for flag, value in (("--binary-share", args.binary_share), ("--max-drop", args.max_drop)):
