@@ -41,6 +41,7 @@ class Reconstruction(Phase):
         self.schedule = None
         self.position: tuple[int, Unit, int] | None = None  # (unit index, unit, steps done in it)
         self._pool: list[torch.Tensor] | None = None
+        self.last_save = time.time()
 
     def root(self, run_dir: Path) -> Path:
         return run_dir / "reconstruction"
