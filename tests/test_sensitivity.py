@@ -133,6 +133,9 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "rep.json").read_text())
     assert [row["name"] for row in record["layers"]] == BODY
     assert record["mixed"][0]["binary_share"] >= 0.6
+    mixed = load_recipe(tmp_path / "out" / "rep_mixed.yaml")
+    assert list(mixed.targets.keep_fp) == record["mixed"][0]["keep_fp"] and mixed.name == "scales-mixed"
+    assert mixed.layers == load_recipe("scales").layers
     md = (tmp_path / "out" / "rep.md").read_text()
     assert "srbinarize inspect --sensitivity" in md and "| body.0.conv1 |" in md
     assert main(["inspect", "--sensitivity", str(ckpt), "--crop-size", "4000"]) == 2  # crop larger than images

@@ -4,9 +4,10 @@
     print(report); report.plot("sensitivity.png")
     choice = report.keep_fp(binary_share=0.75)
     mixed = srbinarize.convert(model, "scales", keep_fp=choice.keep_fp)
+    write_mixed_recipe("scales", choice, "mixed.yaml")  # then: srbinarize finetune ... --recipe mixed.yaml
 """
 
-from .mixed import MixedChoice, choose_keep_fp
+from .mixed import MixedChoice, choose_keep_fp, write_mixed_recipe
 from .sensitivity import (
     Crops,
     LayerSensitivity,
@@ -20,5 +21,5 @@ from .sensitivity import (
 
 __all__ = [
     "Crops", "LayerSensitivity", "MixedChoice", "SensitivityError", "SensitivityReport", "calibration_crops",
-    "choose_keep_fp", "crops_psnr", "sensitivity", "write_report",
+    "choose_keep_fp", "crops_psnr", "sensitivity", "write_mixed_recipe", "write_report",
 ]

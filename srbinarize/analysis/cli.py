@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..convert import conversion_info
+from .mixed import write_mixed_recipe
 from .sensitivity import SensitivityError, sensitivity, write_report
 
 
@@ -27,7 +28,8 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument("--input-range", type=float, help="the model takes RGB in [0, this]: 1 or 255 (default: "
                        "the model's own, 1 unless it is wrapped)")
     g.add_argument("--binary-share", type=float, metavar="P",
-                   help="also choose the layers to keep FP so that at least P of the body's MACs stay binary")
+                   help="also choose the layers to keep FP so that at least P of the body's MACs stay binary; "
+                   "writes PREFIX_mixed.yaml, a recipe with them in targets.keep_fp")
     g.add_argument("--max-drop", type=float, metavar="DB",
                    help="also choose the layers to keep FP so that the estimated drop is at most DB")
     g.add_argument("--by", choices=("gain", "drop"), default="gain",
@@ -49,9 +51,10 @@ def run_sensitivity(model: nn.Module, args: argparse.Namespace) -> None:
         raise SensitivityError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
+    overrides = key_values(args.set, "--set")
     try:
         report = sensitivity(model, args.recipe, args.images, crops=args.crops, crop_size=args.crop_size,
-                             input_range=args.input_range, name=name, **key_values(args.set, "--set"))
+                             input_range=args.input_range, name=name, **overrides)
     finally:
         torch.set_num_threads(threads)
     print(report)
@@ -60,7 +63,11 @@ def run_sensitivity(model: nn.Module, args: argparse.Namespace) -> None:
         choices.append(report.keep_fp(binary_share=args.binary_share, max_drop=args.max_drop, by=args.by))
         print(f"\n{choices[0]}")
     prefix = args.output or Path(f"sensitivity_{name}")
-    print("wrote " + ", ".join(map(str, write_report(report, prefix, _command(args), choices))))
+    paths = write_report(report, prefix, _command(args), choices)
+    if choices:
+        paths.append(write_mixed_recipe(args.recipe, choices[0], prefix.with_name(f"{prefix.name}_mixed.yaml"),
+                                        **overrides))
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 def _command(args: argparse.Namespace) -> list[str]:

@@ -17,14 +17,20 @@ skipping those that no longer fit.
 - ``max_drop=DB``: layers are kept FP until the estimated drop is at most ``DB`` (with ``binary_share``
   too, only as far as the share allows).
 
-The result's ``keep_fp`` goes to ``convert(model, recipe, keep_fp=[...])`` or ``--set keep_fp=[...]``.
+The result's ``keep_fp`` goes to ``convert(model, recipe, keep_fp=[...])``, ``--set keep_fp=[...]``, or a
+recipe file of its own (`write_mixed_recipe`) that ``--recipe`` takes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import yaml
+
+from ..recipe import Recipe, load_recipe
 from .sensitivity import SensitivityError, SensitivityReport
 
 MEASURES = ("gain", "drop")
@@ -91,3 +97,23 @@ def choose_keep_fp(
             drop -= getattr(layer, by)
     met = max_drop is None or drop <= max_drop
     return MixedChoice(keep, binary / total if total else 0.0, drop, met, target, by)
+
+
+def write_mixed_recipe(recipe: str | Path | Recipe, choice: MixedChoice, path: str | Path,
+                       **overrides: Any) -> Path:
+    """A recipe file: ``recipe`` (with ``overrides``) whose ``targets.keep_fp`` is the choice's layers.
+
+    Written under a temporary name, then renamed; `load_recipe` (and ``--recipe``) read it back.
+    """
+    mixed = load_recipe(recipe).with_overrides(**overrides, keep_fp=list(choice.keep_fp))
+    data = mixed.to_dict()
+    data["name"] = f"{mixed.name}-mixed"
+    data["about"] = f"{mixed.about} Mixed precision: {choice.target} by {choice.by}, {len(choice.keep_fp)} layers FP."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"# Written by srbinarize.analysis.write_mixed_recipe: {choice.target}, "
+                   f"{100 * choice.binary_share:.1f}% of the body's MACs binary.\n"
+                   + yaml.safe_dump(data, sort_keys=False, width=110))
+    tmp.replace(path)
+    return path
