@@ -185,3 +185,165 @@ def test_model_rejecting_every_example_input_is_one_clear_error():
         srbinarize.convert(NeedsFiveChannels())
     binary = srbinarize.convert(NeedsFiveChannels(), example_input=torch.rand(1, 5, 12, 12))
     assert binary(torch.rand(1, 5, 9, 9)).shape == (1, 5, 9, 9)
+
+
+class _ESA(nn.Module):
+    """RFDN's enhanced spatial attention: shrink, attend, `F.interpolate` back to the input size, gate."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        f = c // 4
+        self.conv1, self.conv_f = nn.Conv2d(c, f, 1), nn.Conv2d(f, f, 1)
+        self.conv2, self.conv3 = nn.Conv2d(f, f, 3, stride=2), nn.Conv2d(f, f, 3, padding=1)
+        self.conv4 = nn.Conv2d(f, c, 1)
+
+    def forward(self, x):
+        c1_ = self.conv1(x)
+        c3 = self.conv3(torch.nn.functional.max_pool2d(self.conv2(c1_), kernel_size=7, stride=3))
+        c3 = torch.nn.functional.interpolate(c3, (x.size(2), x.size(3)), mode="bilinear", align_corners=False)
+        return x * torch.sigmoid(self.conv4(c3 + self.conv_f(c1_)))
+
+
+class _AttentionSR(nn.Module):
+    """Blocks with ESA (the RFDN family), a global residual and a pixel-shuffle upsampler."""
+
+    def __init__(self, c: int = 16, blocks: int = 2):
+        super().__init__()
+        self.head = nn.Conv2d(3, c, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(blocks))
+        self.att = nn.ModuleList(_ESA(c) for _ in range(blocks))
+        self.up = nn.Sequential(nn.Conv2d(c, 3 * 4, 3, padding=1), nn.PixelShuffle(2))
+
+    def forward(self, x):
+        h = f = self.head(x)
+        for conv, att in zip(self.convs, self.att, strict=True):
+            h = att(torch.relu(conv(h))) + h
+        return self.up(h + f)
+
+
+def test_attention_upsampling_is_part_of_its_block():
+    """ESA's interpolate returns to the head's resolution: its convs stay body, only the upsampler is tail."""
+    q = srbinarize.convert(_AttentionSR().eval(), "scales", example_input=torch.rand(1, 3, 32, 32), calibrate=False)
+    plan = q.srbinarize_info.plan
+    assert {r.name for r in plan.by_role("tail")} == {"up.0"}
+    body = {r.name: r for r in plan.by_role("body")}
+    assert {f"att.{b}.{c}" for b in (0, 1) for c in ("conv1", "conv_f", "conv2", "conv3", "conv4")} <= set(body)
+    kept = {n for n, r in body.items() if not r.replaced_by}
+    assert kept == {"att.0.conv2", "att.1.conv2"}  # stride 2: SCALES cannot replace it
+    assert all("stride" in body[n].note for n in kept)
+
+
+_act = nn.LeakyReLU(0.1)  # a module-level activation, called inside a block (as FMEN does)
+
+
+class _InPlaceBlock(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        b, c, h, w = x.data.size()  # read for its size only (IMDTN's channel_shuffle)
+        out = torch.sigmoid(self.gate(_act(self.conv(x))))
+        out *= x.view(b, c, h, w)  # in place on the sigmoid's output, which its backward needs
+        return out
+
+
+class _InPlaceSR(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.block = nn.Conv2d(3, 8, 3, padding=1), _InPlaceBlock()
+        self.tail = nn.Conv2d(8, 12, 3, padding=1)
+
+    def forward(self, x):
+        f = self.head(x)
+        h = self.block(f)
+        h += f
+        return torch.nn.functional.pixel_shuffle(self.tail(h), 2)
+
+
+@pytest.mark.parametrize("recipe", ["scales", "fqsr"])
+def test_inplace_ops_and_foreign_modules_trace_and_train(recipe, tmp_path):
+    fp = _InPlaceSR().eval()
+    x = torch.rand(2, 3, 12, 12)
+    q = srbinarize.convert(fp, recipe, example_input=x[:1])
+    assert not q.srbinarize_info.plan.leaves  # traced through the module-level activation
+    targets = [n.target for n in q.graph.nodes]
+    assert not any(getattr(t, "__name__", "") in ("imul", "iadd") for t in targets)
+    assert not any(n.op == "call_function" and n.args[1:] == ("data",) for n in q.graph.nodes)
+    q.train()
+    opt = torch.optim.Adam(q.parameters(), 1e-4)
+    for _ in range(2):
+        loss = q(x).abs().mean()
+        opt.zero_grad()
+        loss.backward()  # FMEN's `out *= x` after a sigmoid failed here before
+        opt.step()
+    report = srbinarize.export_onnx(q, tmp_path / "m.onnx", x[:1])  # straight from training
+    session = srbinarize.ort_session(tmp_path / "m.onnx")
+    for size in (12, 20):  # the size read through `.data` is not baked into the file
+        y = torch.rand(1, 3, size, size)
+        assert session.run(None, {"x": y.numpy()})[0].shape == (1, 3, 2 * size, 2 * size)
+    assert bool(report.qdq) == (recipe == "fqsr")
+
+
+class _Range(nn.Module):
+    """A nearest x2 upsampler trained (so to speak) on [0, ``r``]: it adds ``r / 255`` and clamps to [0, r]."""
+
+    def __init__(self, r: float, offset: float = 1.0):
+        super().__init__()
+        self.r, self.offset = r, offset
+        self.conv = nn.Conv2d(3, 12, 1)  # one layer, so that convert accepts it
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        up = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        zero = torch.nn.functional.pixel_shuffle(self.conv(x), 2)
+        return (up + zero + self.offset * self.r / 255).clamp(0, self.r)
+
+
+def test_input_range_detection_wrapper_and_spec(tmp_path):
+    from srbinarize.models.input_range import (
+        InputRangeError,
+        ScaledRange,
+        check_input_range,
+        detect_input_range,
+        resolve_input_range,
+    )
+    from srbinarize.models.spec import ModelSpec
+
+    assert detect_input_range(_Range(255.0))[0] == 255.0
+    assert detect_input_range(_Range(1.0))[0] == 1.0
+    with pytest.raises(InputRangeError, match=r"^Flat: its output matches its input in neither .* 0\.\d+ fed \[0, 1\]"):
+        detect_input_range(_Range(1.0, offset=60.0), "Flat")
+    _, r, message = resolve_input_range(_Range(1.0, offset=60.0), name="Flat")  # the CLI's lenient form
+    assert r == 1.0 and message.startswith("warning: Flat:") and message.endswith("using [0, 1]")
+    for bad in (2, 0, -255, "abc", None):
+        with pytest.raises(InputRangeError, match=r"must be 1 .* or 255"):
+            check_input_range(bad, "--input-range")
+
+    wrapped, r, _ = resolve_input_range(_Range(255.0))
+    assert isinstance(wrapped, ScaledRange) and r == 255.0
+    assert set(wrapped.state_dict()) == {"model.conv.weight", "model.conv.bias"}
+    x = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(wrapped(x), ((_Range(255.0)(x * 255)) / 255))
+    q = srbinarize.convert(_Range(255.0), "fqsr", input_range=255, example_input=x)
+    assert q.srbinarize_info.input_range == 255.0
+    assert {r.name for r in q.srbinarize_info.plan.rows} == {"model.conv"}  # the scalings are no layers
+
+    spec = ModelSpec("srbinarize.models.zoo:Nothing", {}, 255.0)
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    assert "input_range" not in ModelSpec("a.b:C").to_json()  # range-1 specs read as before
+    with pytest.raises(InputRangeError, match="model description: input_range must be 1"):
+        ModelSpec.from_json('{"target": "a.b:C", "input_range": 3}')
+
+
+def test_export_records_the_input_range(tmp_path):
+    import onnx
+
+    fp = _AttentionSR().eval()
+    for r in (1.0, 255.0):
+        q = srbinarize.convert(fp, "scales", input_range=r, example_input=torch.rand(1, 3, 32, 32))
+        srbinarize.export_onnx(q, tmp_path / "m.onnx")
+        meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+        assert meta == {"srbinarize.input_range": f"{r:g}", "srbinarize.io_range": "1"}
