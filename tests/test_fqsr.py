@@ -286,3 +286,30 @@ def test_qdq_export_int4_containers(tmp_path):
         assert diff.median() < 1e-6 and diff.max() < 0.05  # but for float ties
     with pytest.raises(QdqExportError, match="at most 4 bits"):
         export_qdq(srbinarize.convert(msrresnet().eval(), "fqsr"), tmp_path / "x.onnx", int4=True)
+
+
+def test_export_straight_from_a_training_loop_keeps_no_autograd_state(tmp_path):
+    """SQCL's term lives for one step: deepcopy, pickle and export_onnx (QDQ) work right after training."""
+    import copy
+    import io
+
+    import onnx
+
+    q = srbinarize.convert(edsr().eval(), "fqsr").train()
+    opt = torch.optim.Adam(q.parameters(), 1e-4)
+    x = torch.rand(2, 3, 12, 12)
+    for _ in range(2):
+        loss = q(x).abs().mean() + 0.3 * sqcl_loss(q)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(qz.last_error is not None for qz in q.modules() if isinstance(qz, IntervalQuantizer))
+    copied = copy.deepcopy(q)  # raised "Only Tensors created explicitly by the user ..." before
+    assert all(qz.last_error is None for qz in copied.modules() if isinstance(qz, IntervalQuantizer))
+    torch.save(q, io.BytesIO())
+    report = srbinarize.export_onnx(q, tmp_path / "m.onnx")  # one export for every recipe: QDQ here
+    assert report.qdq and not report.packed and "quantized (QDQ)" in str(report)
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    q.eval()
+    assert all(qz.last_error is None for qz in q.modules() if isinstance(qz, IntervalQuantizer))
