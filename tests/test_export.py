@@ -247,3 +247,19 @@ def test_int8_remainder_bad_arguments(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", remainder="int8", remainder_weight_bits=4)
     with pytest.raises(OnnxExportError, match=r"calibration_data must be \(N, 3, H, W\)"):
         export_onnx(model, tmp_path / "m.onnx", remainder="int8", calibration_data=torch.rand(2, 1, 8, 8))
+
+
+def test_residual_add_and_relu_fold_into_the_binary_ops(tmp_path):
+    """EDSR blocks: conv1 -> ReLU and identity + conv2 become the ops' relu / residual; output unchanged."""
+    model = with_active_branches(srbinarize.convert(edsr(num_block=2), "scales").eval())
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    assert report.fused == ["body.0.conv1: + relu", "body.0.conv2: + residual", "body.1.conv1: + relu",
+                            "body.1.conv2: + residual", "conv_after_body: + residual"]
+    nodes = {n.name: n for n in binary_nodes(path)}
+    relu = {name for name, n in nodes.items() if any(a.name == "relu" and a.i == 1 for a in n.attribute)}
+    assert relu == {"body.0.conv1", "body.1.conv1"}
+    assert {name for name, n in nodes.items() if len(n.input) == 8 and n.input[7]} == {
+        "body.0.conv2", "body.1.conv2", "conv_after_body"}
+    assert "Relu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
+    check_parity(model, path)

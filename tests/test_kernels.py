@@ -159,6 +159,33 @@ def test_conv_full_epilogue(path):
     np.testing.assert_allclose(y, t, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("c", "o", "hw"), [(24, 24, (9, 13)), (48, 48, (7, 40)), (64, 64, (5, 67)), (70, 5, (4, 33))])
+def test_conv_residual_and_relu_epilogue(path, c, o, hw):
+    """The fused residual add and ReLU: t = epilogue(dot); t += residual; t = max(t, 0), NaN kept."""
+    rng = np.random.default_rng(c + o)
+    n, k = 2, 3
+    x = rng.standard_normal((n, c, *hw)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (o, c, k, k))
+    scale = rng.uniform(0.01, 0.1, o).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    spatial = rng.uniform(0.5, 1.5, (n, 1, *hw)).astype(np.float32)
+    res = rng.standard_normal((n, o, *hw)).astype(np.float32)
+    res[0, 0, 0, :3] = np.nan
+    model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(k, k), in_channels=c, spatial=True,
+                       residual=True, relu=1)
+    y = ort_session(model).run(None, {"X": x, "spatial": spatial, "residual": res})[0]
+    t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
+    t = t * spatial + bias[None, :, None, None]
+    t = t + res
+    t = np.where(t < 0, np.float32(0), t)
+    assert np.isnan(y[0, 0, 0, :3]).all()
+    np.testing.assert_allclose(y, t, rtol=0, atol=1e-5)
+    wrong = ort_session(model)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="input 'residual' must have shape"):
+        wrong.run(None, {"X": x, "spatial": spatial, "residual": res[:, :, :-1]})
+
+
 def test_conv_optional_inputs_by_empty_name_and_graph_input_weight(path):
     rng = np.random.default_rng(3)
     c, o, k = 10, 6, 3

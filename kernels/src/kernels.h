@@ -59,7 +59,9 @@ struct ConvRow {
   const float* bias;     // [O] or nullptr
   const float* channel;  // [O] or nullptr (this image's channel_scale)
   const float* spatial;  // [width] or nullptr
-  const float* skip;     // skip[o * plane + p], or nullptr
+  const float* skip;      // skip[o * plane + p], or nullptr
+  const float* residual;  // residual[o * plane + p], or nullptr
+  bool relu;
   ptrdiff_t plane;
   float* y;
   // Software prefetch, spread over the row's tiles: prefetch_rows rows of `width` floats at

@@ -224,7 +224,7 @@ class ConvKernel {
   explicit ConvKernel(const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info(raw_info);
     node_.prefix = "BinaryConv2d node '" + info.GetNodeName() + "': ";
-    node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale"});
+    node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale", "residual"});
     isa_ = &SelectOrFail(node_);
     std::vector<int64_t> k;
     try {
@@ -241,6 +241,7 @@ class ConvKernel {
     channels_ = node_.IntAttribute(info, "in_channels", nullptr, 1, 1 << 16);  // dot products fit int32
     const int64_t no_skip = 0;
     skip_ = node_.IntAttribute(info, "skip", &no_skip, 0, 1) == 1;
+    relu_ = node_.IntAttribute(info, "relu", &no_skip, 0, 1) == 1;
     int is_constant = 0;
     Ort::ConstValue w = info.GetTensorConstantInput(2, &is_constant);
     if (is_constant) {  // an initializer: pack once for the life of the session
@@ -269,7 +270,7 @@ class ConvKernel {
     const float* x;
     const float* threshold;
     const PreparedWeights& wt;
-    const float *scale, *bias, *spatial, *channel;
+    const float *scale, *bias, *spatial, *channel, *residual;
     float* y;
     int n, h, w;
   };
@@ -279,6 +280,7 @@ class ConvKernel {
   const Kernels* isa_ = nullptr;
   int64_t kh_ = 0, kw_ = 0, channels_ = 0;
   bool skip_ = false;
+  bool relu_ = false;
   bool have_weights_ = false;
   PreparedWeights weights_;
 };
@@ -297,8 +299,9 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   const PreparedWeights& wt = have_weights_ ? weights_ : local;
   const int64_t O = wt.out_channels;
   const Node::Input scale = node_.Get(ctx, 3), bias = node_.Get(ctx, 4), spatial = node_.Get(ctx, 5),
-                    chan = node_.Get(ctx, 6);
+                    chan = node_.Get(ctx, 6), residual = node_.Get(ctx, 7);
   node_.Expect(scale, "scale", {O}, "float32 [O]");
+  if (residual.data) node_.Expect(residual, "residual", {n_images, O, h_in, w_in}, "float32 [N, O, H, W]");
   if (bias.data) node_.Expect(bias, "bias", {O}, "float32 [O]");
   if (spatial.data) node_.Expect(spatial, "spatial", {n_images, 1, h_in, w_in}, "float32 [N, 1, H, W]");
   if (chan.data) node_.Expect(chan, "channel_scale", {n_images, O}, "float32 [N, O]");
@@ -308,8 +311,8 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   if (isa_->conv_row) {
     ComputeRows(ctx, Args{static_cast<const float*>(x.data), static_cast<const float*>(node_.Get(ctx, 1).data),
                           wt, static_cast<const float*>(scale.data), static_cast<const float*>(bias.data),
-                          static_cast<const float*>(spatial.data), static_cast<const float*>(chan.data), y,
-                          int(n_images), int(h_in), int(w_in)});
+                          static_cast<const float*>(spatial.data), static_cast<const float*>(chan.data),
+                          static_cast<const float*>(residual.data), y, int(n_images), int(h_in), int(w_in)});
     return;
   }
 
@@ -339,6 +342,7 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   const auto* bias_f = static_cast<const float*>(bias.data);
   const auto* spatial_f = static_cast<const float*>(spatial.data);
   const auto* chan_f = static_cast<const float*>(chan.data);
+  const auto* residual_f = static_cast<const float*>(residual.data);
   const int32_t full = KH * KW * C;
   const EpilogueFn epilogue = SelectEpilogue(spatial_f, chan_f, bias_f, skip_);
   std::atomic<bool> out_of_memory{false};
@@ -403,7 +407,14 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
           if (chan_f) e.channel_scale = chan_f[n * O + o];
           if (bias_f) e.bias = bias_f[o];
           if (skip_) e.skip = xf + (n * C + o) * plane + ptrdiff_t(h) * W + p0;
-          epilogue(e, base.data(), counts.data() + o * TW, np, y_row + o * plane + p0);
+          float* out = y_row + o * plane + p0;
+          epilogue(e, base.data(), counts.data() + o * TW, np, out);
+          if (residual_f) {
+            const float* r = residual_f + (n * O + o) * plane + ptrdiff_t(h) * W + p0;
+            for (int p = 0; p < np; ++p) out[p] += r[p];
+          }
+          if (relu_)
+            for (int p = 0; p < np; ++p) out[p] = out[p] < 0.f ? 0.f : out[p];  // NaN stays NaN
         }
       }
     }
@@ -501,10 +512,14 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       row.spatial = a.spatial ? a.spatial + n * plane + ptrdiff_t(h) * W : nullptr;
       row.skip = skip_ ? a.x + ptrdiff_t(n) * C * plane + ptrdiff_t(h) * W : nullptr;
       row.plane = plane;
+      row.residual = a.residual ? a.residual + ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W : nullptr;
+      row.relu = relu_;
       row.y = a.y + ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W;
-      // With a skip, the next row's X (read again by its epilogue) is fetched while this row computes.
-      const bool ahead = skip_ && h + 1 < H;
-      row.prefetch = ahead ? xn + ptrdiff_t(h + 1) * W : nullptr;
+      // The next row's residual (else, with a skip, its X: the epilogue re-reads it) is fetched while this
+      // row computes.
+      const float* next = a.residual ? a.residual + ptrdiff_t(n) * O * plane : skip_ ? xn : nullptr;
+      const bool ahead = next && h + 1 < H;
+      row.prefetch = ahead ? next + ptrdiff_t(h + 1) * W : nullptr;
       row.prefetch_stride = plane;
       row.prefetch_rows = ahead ? O : 0;
       isa.conv_row(row);
@@ -519,8 +534,8 @@ struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
     return Guard([&] { *kernel = new ConvKernel(info); });
   }
   const char* GetName() const { return "BinaryConv2d"; }
-  // X, threshold, weight, scale, bias?, spatial?, channel_scale?
-  size_t GetInputTypeCount() const { return 7; }
+  // X, threshold, weight, scale, bias?, spatial?, channel_scale?, residual?
+  size_t GetInputTypeCount() const { return 8; }
   // Any type here: the kernel checks them (Node::CheckTypes) with a better message.
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {

@@ -71,6 +71,7 @@ class ExportReport:
     file_bytes: int = 0
     fp_convs: list[str] = field(default_factory=list)  # module names of the plain convs the recipe left FP
     int8: list[str] = field(default_factory=list)  # of those, the ones written as int8 QDQ (remainder="int8")
+    fused: list[str] = field(default_factory=list)  # "name: + residual, + relu" (ops folded into a binary op)
     qdq: list[str] = field(default_factory=list)  # FQSR layers, written as QuantizeLinear / DequantizeLinear
 
     def __str__(self) -> str:
@@ -78,6 +79,8 @@ class ExportReport:
         lines += [f"  {p}" for p in self.packed]
         if self.qdq:
             lines += [f"quantized (QDQ): {len(self.qdq)}", *(f"  {q}" for q in self.qdq)]
+        if self.fused:
+            lines.append(f"folded into the binary ops' epilogues: {'; '.join(self.fused)}")
         if self.int8:
             lines.append(f"int8 QDQ (onnxruntime QLinearConv): {', '.join(self.int8)}")
         lines.append("stayed FP (standard ONNX ops):")
@@ -432,7 +435,66 @@ def _compact_names(graph: onnx.GraphProto) -> None:
         info.name = short.get(info.name, info.name)
 
 
-def _finish(model: onnx.ModelProto) -> None:
+def _fuse_epilogues(graph: onnx.GraphProto) -> list[str]:
+    """Fold a BinaryConv2d's only consumer into its epilogue: an ``Add`` (-> the op's ``residual`` input; through
+    a ``Mul`` by exactly 1, which EDSR's ``res_scale`` traces to), then a ``Relu`` (-> ``relu=1``), in the
+    op's order (t += residual; t = max(t, 0)). The fused node takes the consumer's place in the graph, so
+    every input it reads is computed before it. Returns "name: + residual, + relu" lines."""
+    from onnx import helper
+
+    outputs = {o.name for o in graph.output}
+    consts = {i.name: i for i in graph.initializer}
+    consts |= {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+
+    def only_consumer(name: str) -> onnx.NodeProto | None:
+        users = [n for n in graph.node if name in n.input]
+        return users[0] if len(users) == 1 and name not in outputs else None
+
+    def is_one(name: str) -> bool:
+        return name in consts and numpy_helper.to_array(consts[name]).size == 1 and \
+            float(numpy_helper.to_array(consts[name]).reshape(())) == 1.0
+
+    done = []
+    for node in [n for n in graph.node if n.domain == DOMAIN and n.op_type == "BinaryConv2d"]:
+        fused = []
+        user = only_consumer(node.output[0])
+        chain = []
+        if user is not None and user.op_type == "Mul" and any(is_one(i) for i in user.input):
+            chain, user = [user], only_consumer(user.output[0])
+        if user is not None and user.op_type == "Add" and len(node.input) <= 7:
+            tail = chain[-1].output[0] if chain else node.output[0]
+            other = [i for i in user.input if i != tail]
+            if len(other) == 1 and other[0] not in consts:
+                names = list(node.input) + [""] * (7 - len(node.input)) + [other[0]]
+                del node.input[:]
+                node.input.extend(names)
+                for n in chain:
+                    graph.node.remove(n)
+                node = _move_into_place(graph, node, user)
+                fused.append("+ residual")
+        user = only_consumer(node.output[0])
+        if user is not None and user.op_type == "Relu":
+            node.attribute.append(helper.make_attribute("relu", 1))
+            node = _move_into_place(graph, node, user)
+            fused.append("+ relu")
+        if fused:
+            done.append(f"{node.name}: {', '.join(fused)}")
+    return done
+
+
+def _move_into_place(graph: onnx.GraphProto, node: onnx.NodeProto, consumer: onnx.NodeProto) -> onnx.NodeProto:
+    """`node` takes over `consumer`'s output and its position; `consumer` is removed. Returns the moved node."""
+    output = consumer.output[0]
+    index = list(graph.node).index(consumer)
+    fused = copy.deepcopy(node)
+    fused.output[:] = [output]
+    graph.node.remove(consumer)
+    graph.node.insert(index, fused)
+    graph.node.remove(node)
+    return graph.node[index - 1]
+
+
+def _finish(model: onnx.ModelProto) -> list[str]:
     """Rewrite the srbinarize nodes: optional inputs in their slots, constants as (uint64) initializers."""
     graph = model.graph
     _expand_unpack(graph)
@@ -469,7 +531,9 @@ def _finish(model: onnx.ModelProto) -> None:
         node.input.extend(names)
     for const in dead:
         graph.node.remove(const)
+    fused = _fuse_epilogues(graph)
     _compact_names(graph)
+    return fused
 
 
 REMAINDERS = ("fp32", "int8")
@@ -632,7 +696,7 @@ def export_onnx(
                 custom_opsets={DOMAIN: 1} if report.packed else None,
             )
         proto = onnx.load(tmp)
-        _finish(proto)
+        report.fused = _finish(proto)
         if remainder == "int8" and report.fp_convs:
             batch = _calibration_batch(model, example_input, calibration_data)
             report.int8 = _remainder_int8(proto, report.fp_convs, batch, remainder_weight_bits)

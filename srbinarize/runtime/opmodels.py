@@ -44,13 +44,15 @@ def conv_model(
     skip=0,
     spatial=False,
     channel_scale=False,
+    residual=False,
     weight_input=False,
     x_dtype=np.float32,
     x_shape=None,
     name="bconv",
     **attributes,
 ) -> bytes:
-    """``BinaryConv2d``: inputs X [N, C, H, W] (+ spatial [N, 1, H, W], channel_scale [N, O] when asked)."""
+    """``BinaryConv2d``: inputs X [N, C, H, W] (+ spatial [N, 1, H, W], channel_scale [N, O], residual
+    [N, O, H, W] when asked)."""
     o = np.asarray(weight).shape[0]
     x_shape = x_shape or ["N", in_channels, "H", "W"]
     inputs = [helper.make_tensor_value_info("X", _elem(x_dtype), x_shape)]
@@ -59,7 +61,7 @@ def conv_model(
         inputs.append(helper.make_tensor_value_info("weight", TensorProto.UINT64, list(np.asarray(weight).shape)))
     else:
         init["weight"] = weight
-    names = ["X", "threshold", "weight", "scale", "", "", ""]
+    names = ["X", "threshold", "weight", "scale", "", "", "", ""]
     if bias is not None:
         init["bias"] = bias
         names[4] = "bias"
@@ -69,6 +71,9 @@ def conv_model(
     if channel_scale:
         inputs.append(helper.make_tensor_value_info("channel_scale", TensorProto.FLOAT, ["N", o]))
         names[6] = "channel_scale"
+    if residual:
+        inputs.append(helper.make_tensor_value_info("residual", TensorProto.FLOAT, ["N", o, "H", "W"]))
+        names[7] = "residual"
     while names[-1] == "":
         names.pop()
     attrs = {"kernel_shape": list(kernel_shape), "in_channels": in_channels, "skip": int(skip), **attributes}
