@@ -31,13 +31,15 @@ from basicsr.archs.edsr_arch import EDSR
 from onnx import helper, numpy_helper
 
 import srbinarize
-from srbinarize.export.qdq import export_qdq, fp32_onnx
+from srbinarize.export.qdq import WEIGHT_LAYOUTS, export_qdq, fp32_onnx
+from srbinarize.runtime import cpu_has_vnni
 
 
 def _session(path: Path, threads: int, optimized: Path | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # side-by-side timings on a shared CPU
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits-a", type=int, default=8, help="activation bits (skips stay 8)")
     ap.add_argument("--int4", action="store_true", help="4-bit codes in int4/uint4 containers (export_qdq int4=True)")
     ap.add_argument("--layouts", action="store_true", help="one conv in each integer QDQ layout instead of the model")
+    ap.add_argument("--weight-layout", default="auto", choices=WEIGHT_LAYOUTS, help="8-bit weight codes (export_qdq)")
+    ap.add_argument("--no-ort-int8", action="store_true", help="skip onnxruntime's own quantize_static peer")
     args = ap.parse_args(argv)
     cmd = "python benchmarks/qdq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {cmd.strip()}")
@@ -184,23 +188,34 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp_path = fp32_onnx(fp, tmp / "fp32.onnx", x)
-        q_path = export_qdq(q, tmp / "qdq.onnx", x, int4=args.int4)
+        q_path = export_qdq(q, tmp / "qdq.onnx", x, int4=args.int4, weight_layout=args.weight_layout)
         sessions = {"fp32": _session(fp_path, args.threads),
                     "qdq": _session(q_path, args.threads, optimized=tmp / "qdq_opt.onnx")}
         sizes = {"fp32": fp_path.stat().st_size, "qdq": q_path.stat().st_size}
+        if not args.no_ort_int8:  # the one-call alternative: QDQ, per-channel QInt8 weights, QUInt8 activations
+            from e2e import ort_int8, patches  # benchmarks/e2e.py
+
+            peer = ort_int8(fp_path, tmp / "ort_int8.onnx", patches(args.scale, 8, 48, seed=3))
+            sessions["ort_int8"] = _session(peer, args.threads)
+            sizes["ort_int8"] = peer.stat().st_size
         fused = Counter(n.op_type for n in onnx.load(tmp / "qdq_opt.onnx").graph.node)
         feed = {"x": x.numpy()}
         med = _timed(sessions, {k: feed for k in sessions}, args.repeats)
     containers = "int4/uint4 for 4-bit codes" if args.int4 else "int8/uint8"
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"# loadavg before timing: {load}; intra-op spinning off; 8-bit weight layout {args.weight_layout}"
+          f" (this CPU has VNNI: {cpu_has_vnni()})")
     print(f"# onnxruntime {ort.__version__}, FQSR w{args.bits_w}a{args.bits_a}s8 ({containers}) EDSR "
           f"{args.feat}x{args.blocks} x{args.scale}, input 1x3x{args.size}x{args.size}, {args.threads} thread(s), "
           f"median of {args.repeats}")
     print(f"# fused: {fused['QLinearConv']} QLinearConv, {fused['QLinearAdd']} QLinearAdd, "
           f"{fused['Conv'] + fused['FusedConv']} float Conv / FusedConv left")
-    print("| export | file bytes | median ms | speed-up vs FP32 |")
-    print("|---|---|---|---|")
+    peer = "ort_int8" in med
+    print("| export | file bytes | median ms | speed-up vs FP32 |" + (" speed vs ORT int8 |" if peer else ""))
+    print("|---|---|---|---|" + ("---|" if peer else ""))
     for name in sessions:
-        print(f"| {name} | {sizes[name]:,} | {med[name]:.1f} | {med['fp32'] / med[name]:.2f}x |")
+        print(f"| {name} | {sizes[name]:,} | {med[name]:.1f} | {med['fp32'] / med[name]:.2f}x |"
+              + (f" {med['ort_int8'] / med[name]:.2f}x |" if peer else ""))
     print("# fp32 and qdq alternate run by run; ratios of medians, not single timings, are the figure")
 
 
