@@ -29,8 +29,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     ``path`` (an ordinary ``open`` would give the same mode; ``mkstemp`` alone gives 0600). On an error the
     temporary file is removed and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the file asked for, not the temporary one
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
     os.close(fd)
     try:
         yield Path(tmp)

@@ -74,12 +74,20 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from . import summary
 
     _arch_kwargs(args.arch_kwargs)
+    if min(args.input_size) < 1:
+        raise UsageError(f"--input-size {args.input_size[0]} {args.input_size[1]}: expected two positive sizes (H W)")
     model, _ = _load_any(args.model, args)
     if args.sensitivity:
         from .analysis.cli import run_sensitivity
 
         return run_sensitivity(model, args)
-    print(summary(model, input_size=tuple(args.input_size)))
+    try:
+        table = summary(model, input_size=tuple(args.input_size))
+    except RuntimeError as err:  # e.g. a kernel larger than the padded input
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"the model cannot run on a {args.input_size[0]}x{args.input_size[1]} input "
+                         f"(--input-size): {first}") from None
+    print(table)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -36,6 +36,13 @@ def check_output(output: str | os.PathLike, inputs: dict[str, str | os.PathLike]
     parent = next((p for p in out.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UsageError(f"{option} {out}: {parent} is a file, not a folder")
+    if parent is not None:
+        import tempfile
+
+        try:  # an unnamed file (O_TMPFILE where the OS has it): creating it is the only sure test
+            tempfile.TemporaryFile(dir=parent).close()
+        except OSError as err:
+            raise UsageError(f"{option} {out}: cannot write in {parent} ({err.strerror})") from None
     for role, path in inputs.items():
         if same_file(out, path):
             raise UsageError(f"{option} {out} is the {role} ({path}): it would be overwritten; give another path")

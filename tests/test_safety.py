@@ -20,7 +20,7 @@ from srbinarize.checkpoint import CheckpointError, atomic_save_tensors, load_mod
 from srbinarize.cli import main
 from srbinarize.models import load_pretrained
 from srbinarize.models.spec import ModelSpec, ModelSpecError, allow_architectures
-from srbinarize.models.zoo import SPEC_KEY
+from srbinarize.models.zoo import SPEC_KEY, save_fp_model
 
 SPEC = ModelSpec("basicsr.archs.edsr_arch:EDSR", {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1,
                                                    "upscale": 2})
@@ -222,9 +222,10 @@ def test_written_files_honour_the_umask(converted, tmp_path, mask):
         assert main(["export", str(ckpt), "-o", str(onnx_path)]) == 0
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in.png")
         srbinarize.upscale_file(onnx_path, tmp_path / "in.png", tmp_path / "out.png", progress=False)
+        fp = save_fp_model(SPEC.build(), SPEC, tmp_path / "fp.safetensors")
     finally:
         os.umask(old)
-    for p in (ckpt, onnx_path, tmp_path / "out.png"):
+    for p in (ckpt, onnx_path, tmp_path / "out.png", fp):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, (p, oct(p.stat().st_mode))
 
 
@@ -284,3 +285,13 @@ def test_a_description_of_a_huge_model_is_refused_before_building(converted, tmp
         atomic_save_tensors(tensors, path, {**meta, "model": json.dumps(spec)})
         with pytest.raises(CheckpointError, match=rf"{name}\.safetensors.*{message}"):
             load_model(path)
+
+
+def test_other_bad_command_line_values_are_one_line(converted, tmp_path, capsys):
+    for size in (["0", "0"], ["-1", "5"]):
+        _one_line_exit_2(["inspect", str(converted), "--input-size", *size], capsys, "--input-size",
+                         "expected two positive sizes")
+    if Path("/proc/self").is_dir():  # a folder no one can create files in, even root
+        _one_line_exit_2(["export", str(converted), "-o", "/proc/m.onnx"], capsys,
+                         "/proc/m.onnx: cannot write in /proc")
+    assert not list(tmp_path.iterdir())

@@ -81,8 +81,11 @@ def _session(model, threads: int = 0):
             raise UpscaleModelError(f"{path}: no such model file" if not path.exists() else f"{path} is not a file")
         if path.stat().st_size == 0:
             raise UpscaleModelError(f"{path} is empty (0 bytes); expected an .onnx model")
+    options = {"log_severity_level": 3}  # errors only: no notes about unused initializers on the terminal
+    if threads:
+        options["intra_op_num_threads"] = threads
     try:
-        return ort_session(model, intra_op_num_threads=threads) if threads else ort_session(model)
+        return ort_session(model, **options)
     except FileNotFoundError:
         raise
     except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
