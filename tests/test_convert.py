@@ -347,3 +347,20 @@ def test_export_records_the_input_range(tmp_path):
         srbinarize.export_onnx(q, tmp_path / "m.onnx")
         meta = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
         assert meta == {"srbinarize.input_range": f"{r:g}", "srbinarize.io_range": "1"}
+
+
+def test_checkpoint_of_a_255_model_rebuilds_the_wrapper(tmp_path):
+    from srbinarize.checkpoint import load_model, save_model
+    from srbinarize.models.spec import ModelSpec
+
+    spec = ModelSpec("basicsr.archs.edsr_arch:EDSR", {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 8,
+                                                       "num_block": 1, "upscale": 2}, input_range=255.0)
+    fp = spec.build().eval()
+    assert type(fp).__name__ == "ScaledRange"
+    q = srbinarize.convert(fp, "scales").eval()
+    assert q.srbinarize_info.input_range == 255.0
+    rebuilt = load_model(save_model(q, tmp_path / "m.safetensors", spec)).eval()
+    assert rebuilt.srbinarize_info.input_range == 255.0
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), q(x))
