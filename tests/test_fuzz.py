@@ -143,3 +143,43 @@ def test_onnx_reader_of_upscale(originals, tmp_path):
 
     counts = _fuzz(tmp_path, ".onnx", variants, upscale)
     assert counts["refused"] >= 55 and not out.exists()
+
+
+def test_the_command_line_over_broken_files(originals, tmp_path, capsys):
+    """The same files through the commands: exit 0 or 2 with one line, never a traceback or a stray file."""
+    from srbinarize.cli import main
+
+    rng = np.random.default_rng(SEED + 4)
+    image = tmp_path / "in.png"
+    Image.fromarray(_picture(10, 12)).save(image)
+    good_onnx = tmp_path / "good.onnx"
+    good_onnx.write_bytes(originals["onnx"])
+    fp = tmp_path / "fp.pth"
+    fp.write_bytes(originals["pth"])
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    out = tmp_path / "out"
+    plans = [
+        ("safetensors", ".safetensors", lambda f: ["inspect", str(f), "--input-size", "16", "16"]),
+        ("safetensors", ".safetensors", lambda f: ["export", str(f), "-o", str(out / "m.onnx")]),
+        ("pth", ".pth", lambda f: ["convert", str(f), "-o", str(out / "c.safetensors")]),
+        ("yaml", ".yaml", lambda f: ["convert", str(fp), "--recipe", str(f), "-o", str(out / "c.safetensors")]),
+        ("png", ".png", lambda f: ["upscale", str(good_onnx), str(f), str(out / "o.png")]),
+        ("onnx", ".onnx", lambda f: ["upscale", str(f), str(image), str(out / "o.png")]),
+    ]
+    for kind, suffix, argv in plans:
+        for i, data in enumerate(_variants(originals[kind], rng, 5, 2, 3)):
+            path = folder / f"case{i}{suffix}"
+            path.write_bytes(data)
+            code = main(argv(path))
+            err = capsys.readouterr().err.strip()
+            assert code in (0, 2), (kind, i, code, err)
+            if code == 2:
+                assert len(err.splitlines()) == 1 and "Traceback" not in err, (kind, i, err)
+            path.unlink()
+            assert not list(folder.iterdir()), (kind, i)
+            written = list(out.iterdir()) if out.exists() else []
+            assert code == 0 or not written, (kind, i, written)  # a refused command writes nothing
+            assert not [p for p in written if p.name.endswith(".tmp")], (kind, i, written)
+            for p in written:
+                p.unlink()
