@@ -164,7 +164,33 @@ inline void row_tile(const ConvRow& a, int p, int np) {
   }
 }
 
-void conv_row(const ConvRow& a) {
+// ConvRow::window from the line buffer: word s of 8 pixels is the OR of the tap words overlapping bits
+// 64 s .. 64 s + 63 of the concatenation, each shifted into place.
+void build_windows(const ConvRow& a) {
+  const int C = a.concat_channels, taps = a.kh * a.kw, end = (a.width + 31) / 32 * 32;
+  for (int s = 0; s < a.steps; ++s) {
+    const int b0 = 64 * s;
+    const int t0 = b0 / C, t1 = (b0 + 63) / C + 1 < taps ? (b0 + 63) / C + 1 : taps;  // taps overlapping
+    uint64_t* out = a.window + s * a.line;
+    for (int q = 0; q < end; q += 8) {
+      __m512i word = _mm512_setzero_si512();
+      for (int t = t0; t < t1; ++t) {
+        const __m512i v = _mm512_loadu_si512(a.x + (t / a.kw) * a.line + t % a.kw + q);
+        const int shift = t * C - b0;
+        word = _mm512_or_si512(word, shift >= 0 ? _mm512_sll_epi64(v, _mm_cvtsi32_si128(shift))
+                                                : _mm512_srl_epi64(v, _mm_cvtsi32_si128(-shift)));
+      }
+      _mm512_storeu_si512(out + q, word);
+    }
+  }
+}
+
+void conv_row(const ConvRow& row) {
+  ConvRow a = row;
+  if (row.concat_channels) {
+    build_windows(row);
+    a.x = row.window;
+  }
   const int tiles = (a.width + 31) / 32;
   const int per_tile = (a.prefetch_rows + tiles - 1) / tiles;  // prefetched rows per tile
   for (int p = 0, t = 0; p < a.width; p += 32, ++t) {

@@ -69,6 +69,13 @@ struct ConvRow {
   const float* prefetch;
   ptrdiff_t prefetch_stride;
   int prefetch_rows;
+  // Concatenated windows (C < 64, one word per tap), when concat_channels = C > 0: the kernel first
+  // writes, for every pixel, its window's KH * KW * C bits as `steps` words into `window` (word s of
+  // pixel p at window[s * line + p]; tap t = i * KW + j holds bits t * C .. t * C + C - 1 of the
+  // concatenation), then counts on those with offset[s] = s * line; w holds weights in the same layout.
+  // Fewer steps than one word per tap: every popcount works on (nearly) 64 bits in use.
+  int concat_channels, kh, kw;
+  uint64_t* window;
 };
 
 struct Kernels {

@@ -134,7 +134,8 @@ struct PreparedWeights {
   int64_t out_channels = 0;
   std::vector<uint64_t> packed;
   std::vector<int32_t> tap_popcount;  // [O][taps]
-  std::vector<uint64_t> rows;         // ConvRow layout [round_up(O, 4)][taps][words] (Kernels::conv_row)
+  std::vector<uint64_t> rows;         // ConvRow layout [round_up(O, 4)][steps] (Kernels::conv_row)
+  int concat_steps = 0;               // > 0: rows hold concatenated windows of that many words (ConvRow)
 };
 
 // Output element p = epilogue(base[p] - 2 * count[p]), one pass, fp32 ops in the order of the
@@ -194,8 +195,22 @@ PreparedWeights PrepareWeights(const Node& node, const Kernels& isa, const Node:
   p.packed.resize(isa.weight_words(int(p.out_channels), int(steps)));
   isa.pack_weights(data, int(p.out_channels), int(steps), p.packed.data());
   if (tail.size() > 1 && isa.conv_row) {
-    p.rows.assign(size_t((p.out_channels + 3) / 4 * 4) * steps, 0);
-    std::copy(data, data + p.out_channels * steps, p.rows.begin());
+    const int64_t taps = steps / words, concat = (taps * channels + 63) / 64;
+    const size_t o4 = size_t((p.out_channels + 3) / 4 * 4);
+    if (words == 1 && concat < taps) {  // C < 64: concatenate the taps' channel bits (see ConvRow)
+      p.concat_steps = int(concat);
+      p.rows.assign(o4 * concat, 0);
+      for (int64_t o = 0; o < p.out_channels; ++o)
+        for (int64_t t = 0; t < taps; ++t) {
+          const uint64_t bits = data[o * taps + t];
+          const int64_t pos = t * channels, word = pos / 64, off = pos % 64;
+          p.rows[o * concat + word] |= bits << off;
+          if (off + channels > 64) p.rows[o * concat + word + 1] |= bits >> (64 - off);
+        }
+    } else {
+      p.rows.assign(o4 * steps, 0);
+      std::copy(data, data + p.out_channels * steps, p.rows.begin());
+    }
   }
   if (tail.size() > 1) {  // a convolution: [O, KH, KW, words]
     p.tap_popcount.resize(p.out_channels * steps / words);
@@ -465,10 +480,14 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       }
     }
   }
-  std::vector<ptrdiff_t> offset;  // step (i, j, k) of a window
-  for (int i = 0; i < KH; ++i)
-    for (int j = 0; j < KW; ++j)
-      for (int k = 0; k < words; ++k) offset.push_back((ptrdiff_t(i) * words + k) * line + j);
+  std::vector<ptrdiff_t> offset;  // step (i, j, k) of a window, or word s of a concatenated window
+  if (a.wt.concat_steps) {
+    for (int s = 0; s < a.wt.concat_steps; ++s) offset.push_back(s * line);
+  } else {
+    for (int i = 0; i < KH; ++i)
+      for (int j = 0; j < KW; ++j)
+        for (int k = 0; k < words; ++k) offset.push_back((ptrdiff_t(i) * words + k) * line + j);
+  }
   // Bands of output rows, about 16 per image (at least 4 rows: each band packs KH - 1 extra rows).
   const int band = std::clamp((H + 15) / 16, 4, 64);
   const int bands_per_image = (H + band - 1) / band;
@@ -477,9 +496,10 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
   auto run_band = [&](size_t b) {
     const int n = int(b / bands_per_image);
     const int h0 = int(b % bands_per_image) * band, h1 = std::min(H, h0 + band);
-    thread_local std::vector<uint64_t> packed;
+    thread_local std::vector<uint64_t> packed, window;
     try {
       packed.assign(size_t(h1 - h0 + 2 * ph) * words * line, 0);
+      window.resize(size_t(a.wt.concat_steps) * line);
     } catch (const std::bad_alloc&) {
       out_of_memory = true;
       return;
@@ -522,6 +542,10 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       row.prefetch = ahead ? next + ptrdiff_t(h + 1) * W : nullptr;
       row.prefetch_stride = plane;
       row.prefetch_rows = ahead ? O : 0;
+      row.concat_channels = a.wt.concat_steps ? C : 0;
+      row.kh = KH;
+      row.kw = KW;
+      row.window = window.data();
       isa.conv_row(row);
     }
   };
