@@ -59,7 +59,10 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoint import save_model
     from .train.cli import key_values
 
-    check_output(args.output, {"input checkpoint": _input_file(args.checkpoint)}, "-o")
+    inputs = {"input checkpoint": _input_file(args.checkpoint)}
+    if Path(args.recipe).is_file():
+        inputs["recipe"] = args.recipe
+    check_output(args.output, inputs, "-o")
     _arch_kwargs(args.arch_kwargs)
     model, spec = _load_any(args.checkpoint, args)
     if spec is None:

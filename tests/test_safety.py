@@ -21,6 +21,7 @@ from srbinarize.cli import main
 from srbinarize.models import load_pretrained
 from srbinarize.models.spec import ModelSpec, ModelSpecError, allow_architectures
 from srbinarize.models.zoo import SPEC_KEY, save_fp_model
+from srbinarize.recipe import recipe_dir
 
 SPEC = ModelSpec("basicsr.archs.edsr_arch:EDSR", {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1,
                                                    "upscale": 2})
@@ -263,6 +264,10 @@ def test_convert_and_export_never_write_onto_their_input(converted, fp_file, tmp
         _one_line_exit_2([command, str(src), "-o", str(tmp_path / "sub")], capsys, "is an existing folder")
         _one_line_exit_2([command, str(src), "-o", str(tmp_path / "plain.txt" / "x.out")], capsys,
                          "plain.txt is a file, not a folder")
+    recipe = tmp_path / "sub" / "my.yaml"
+    recipe.write_text((recipe_dir() / "scales.yaml").read_text())
+    before = _tree(tmp_path)
+    _one_line_exit_2(["convert", str(fp), "--recipe", str(recipe), "-o", str(recipe)], capsys, "is the recipe")
     assert _tree(tmp_path) == before  # nothing changed, nothing left behind
 
 
