@@ -125,6 +125,16 @@ def _command() -> list[str]:
     return ["python", "benchmarks/sensitivity.py", *argv]
 
 
+def _code_state() -> str:
+    """The commit measured, and how many tracked files differed from it (the tree is shared)."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
+    return f"commit {git('rev-parse', '--short', 'HEAD')}" + (
+        f" with {len(dirty)} tracked files modified in the shared tree" if dirty else "")
+
+
 def write_summary(args: argparse.Namespace, rows: list[dict]) -> None:
     from srbinarize.analysis.sensitivity import cpu_description
 
@@ -138,7 +148,8 @@ def write_summary(args: argparse.Namespace, rows: list[dict]) -> None:
         f"Recipe `{args.recipe}`; {args.crops} LR crops of {args.crop_size}x{args.crop_size} from {args.images}; "
         f"{args.threads} torch threads; {cpu_description()}. Time: `sensitivity()` alone (two conversions, the "
         "summary, two scorings per layer); the model load is not counted. Mixed: the layers `choose_keep_fp` "
-        f"keeps FP for binary share {args.binary_share:g}, converted and scored on the same crops.",
+        f"keeps FP for binary share {args.binary_share:g}, converted and scored on the same crops. "
+        f"Code: {_code_state()}.",
         "",
         "| model | layers | replaced share of body MACs | time s | load avg | FP dB | bicubic dB | all converted dB "
         "| sum of single drops dB | mixed by gain: kept FP / share / measured dB | mixed by drop: kept FP / share / "
@@ -147,6 +158,7 @@ def write_summary(args: argparse.Namespace, rows: list[dict]) -> None:
     ]
     for r in rows:
         png = Path(r["report"] + ".png").name
+        png = f"[{png}]({png})"
         mixed = [f"{len(m['keep_fp'])} / {100 * m['share']:.1f}% / {m['psnr']:.3f}" for m in r["mixed"].values()]
         lines.append(
             f"| {r['model']} | {r['layers']} | {100 * r['body_share']:.1f}% | {r['seconds']:.1f} | {r['load']} | "

@@ -2,8 +2,10 @@
 
 `sensitivity(model, recipe)` converts the model once (calibrated as `convert` does: every replacement is
 fitted to the FP activations of its own layer, so a layer's replacement is the same whether it is converted
-alone or with all the others), then, for each replaced layer in turn, puts that one replacement into an FP
-copy of the traced model, scores a few LR/HR crops and puts the FP layer back. No training.
+alone or with all the others), then, for each replaced layer in turn, scores a few LR/HR crops twice, by
+swapping modules in place: its *drop* puts that one replacement into an FP copy of the traced model (the
+layer alone converted); its *gain* puts the FP layer back into the full conversion (the layer alone kept
+FP). Each equals what `convert` gives with ``keep_fp`` set accordingly. No training.
 
 Operation counts come from `srbinarize.summary` (MACs per row; OPs = BOPs/64 + FLOPs, the FP side branches
 of a replacement included): a layer's *speed-up* is its FP MACs over its OPs once converted. PSNR-Y is the
