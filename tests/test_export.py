@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import shared_zoo
 import torch
 from conftest import DATA, edsr, msrresnet
 from onnx import numpy_helper
@@ -263,3 +264,16 @@ def test_residual_add_and_relu_fold_into_the_binary_ops(tmp_path):
         "body.0.conv2", "body.1.conv2", "conv_after_body"}
     assert "Relu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
     check_parity(model, path)
+
+
+@pytest.mark.skipif(not shared_zoo.available("team01_efdn"), reason="../shared/models/team01_efdn is absent")
+def test_efdn_prelu_and_relu_fold_and_match_pytorch(tmp_path):
+    """A real lightweight model: its PReLUs after binary convs become the ops' prelu_slope; same output."""
+    model = srbinarize.convert(shared_zoo.load("team01_efdn"), "scales").eval()
+    path = tmp_path / "efdn.onnx"
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    assert sum(line.count("+ PRelu") for line in report.fused) == 12
+    assert "PRelu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
+    slopes = [n for n in binary_nodes(path) if len(n.input) == 9 and n.input[8]]
+    assert len(slopes) == 12
+    check_parity(model, path, sizes=((48, 48), (44, 52)))

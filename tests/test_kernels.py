@@ -159,9 +159,11 @@ def test_conv_full_epilogue(path):
     np.testing.assert_allclose(y, t, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", ["relu", "prelu"])
 @pytest.mark.parametrize(("c", "o", "hw"), [(24, 24, (9, 13)), (48, 48, (7, 40)), (64, 64, (5, 67)), (70, 5, (4, 33))])
-def test_conv_residual_and_relu_epilogue(path, c, o, hw):
-    """The fused residual add and ReLU: t = epilogue(dot); t += residual; t = max(t, 0), NaN kept."""
+def test_conv_residual_and_activation_epilogue(path, c, o, hw, act):
+    """The fused residual add and ReLU / PReLU: t = epilogue(dot); t += residual; then max(t, 0) or
+    (t < 0 ? t * slope[o] : t), NaN kept."""
     rng = np.random.default_rng(c + o)
     n, k = 2, 3
     x = rng.standard_normal((n, c, *hw)).astype(np.float32)
@@ -172,13 +174,15 @@ def test_conv_residual_and_relu_epilogue(path, c, o, hw):
     spatial = rng.uniform(0.5, 1.5, (n, 1, *hw)).astype(np.float32)
     res = rng.standard_normal((n, o, *hw)).astype(np.float32)
     res[0, 0, 0, :3] = np.nan
+    slope = rng.uniform(-0.5, 0.5, o).astype(np.float32)
+    extra = {"relu": 1} if act == "relu" else {"prelu_slope": slope}
     model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(k, k), in_channels=c, spatial=True,
-                       residual=True, relu=1)
+                       residual=True, **extra)
     y = ort_session(model).run(None, {"X": x, "spatial": spatial, "residual": res})[0]
     t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
     t = t * spatial + bias[None, :, None, None]
     t = t + res
-    t = np.where(t < 0, np.float32(0), t)
+    t = np.where(t < 0, np.float32(0) if act == "relu" else t * slope[None, :, None, None], t)
     assert np.isnan(y[0, 0, 0, :3]).all()
     np.testing.assert_allclose(y, t, rtol=0, atol=1e-5)
     wrong = ort_session(model)

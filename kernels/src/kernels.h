@@ -62,6 +62,7 @@ struct ConvRow {
   const float* skip;      // skip[o * plane + p], or nullptr
   const float* residual;  // residual[o * plane + p], or nullptr
   bool relu;
+  const float* slope;  // [O] PReLU slopes, or nullptr
   ptrdiff_t plane;
   float* y;
   // Software prefetch, spread over the row's tiles: prefetch_rows rows of `width` floats at

@@ -239,7 +239,8 @@ class ConvKernel {
   explicit ConvKernel(const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info(raw_info);
     node_.prefix = "BinaryConv2d node '" + info.GetNodeName() + "': ";
-    node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale", "residual"});
+    node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale", "residual",
+                            "prelu_slope"});
     isa_ = &SelectOrFail(node_);
     std::vector<int64_t> k;
     try {
@@ -285,7 +286,7 @@ class ConvKernel {
     const float* x;
     const float* threshold;
     const PreparedWeights& wt;
-    const float *scale, *bias, *spatial, *channel, *residual;
+    const float *scale, *bias, *spatial, *channel, *residual, *slope;
     float* y;
     int n, h, w;
   };
@@ -314,9 +315,11 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   const PreparedWeights& wt = have_weights_ ? weights_ : local;
   const int64_t O = wt.out_channels;
   const Node::Input scale = node_.Get(ctx, 3), bias = node_.Get(ctx, 4), spatial = node_.Get(ctx, 5),
-                    chan = node_.Get(ctx, 6), residual = node_.Get(ctx, 7);
+                    chan = node_.Get(ctx, 6), residual = node_.Get(ctx, 7), slope = node_.Get(ctx, 8);
   node_.Expect(scale, "scale", {O}, "float32 [O]");
   if (residual.data) node_.Expect(residual, "residual", {n_images, O, h_in, w_in}, "float32 [N, O, H, W]");
+  if (slope.data) node_.Expect(slope, "prelu_slope", {O}, "float32 [O]");
+  if (slope.data && relu_) node_.Fail("relu = 1 and a prelu_slope input: give one of them");
   if (bias.data) node_.Expect(bias, "bias", {O}, "float32 [O]");
   if (spatial.data) node_.Expect(spatial, "spatial", {n_images, 1, h_in, w_in}, "float32 [N, 1, H, W]");
   if (chan.data) node_.Expect(chan, "channel_scale", {n_images, O}, "float32 [N, O]");
@@ -327,7 +330,8 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
     ComputeRows(ctx, Args{static_cast<const float*>(x.data), static_cast<const float*>(node_.Get(ctx, 1).data),
                           wt, static_cast<const float*>(scale.data), static_cast<const float*>(bias.data),
                           static_cast<const float*>(spatial.data), static_cast<const float*>(chan.data),
-                          static_cast<const float*>(residual.data), y, int(n_images), int(h_in), int(w_in)});
+                          static_cast<const float*>(residual.data), static_cast<const float*>(slope.data), y,
+                          int(n_images), int(h_in), int(w_in)});
     return;
   }
 
@@ -358,6 +362,7 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   const auto* spatial_f = static_cast<const float*>(spatial.data);
   const auto* chan_f = static_cast<const float*>(chan.data);
   const auto* residual_f = static_cast<const float*>(residual.data);
+  const auto* slope_f = static_cast<const float*>(slope.data);
   const int32_t full = KH * KW * C;
   const EpilogueFn epilogue = SelectEpilogue(spatial_f, chan_f, bias_f, skip_);
   std::atomic<bool> out_of_memory{false};
@@ -430,6 +435,8 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
           }
           if (relu_)
             for (int p = 0; p < np; ++p) out[p] = out[p] < 0.f ? 0.f : out[p];  // NaN stays NaN
+          if (slope_f)
+            for (int p = 0; p < np; ++p) out[p] = out[p] < 0.f ? out[p] * slope_f[o] : out[p];
         }
       }
     }
@@ -534,6 +541,7 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       row.plane = plane;
       row.residual = a.residual ? a.residual + ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W : nullptr;
       row.relu = relu_;
+      row.slope = a.slope;
       row.y = a.y + ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W;
       // The next row's residual (else, with a skip, its X: the epilogue re-reads it) is fetched while this
       // row computes.
@@ -558,8 +566,8 @@ struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
     return Guard([&] { *kernel = new ConvKernel(info); });
   }
   const char* GetName() const { return "BinaryConv2d"; }
-  // X, threshold, weight, scale, bias?, spatial?, channel_scale?, residual?
-  size_t GetInputTypeCount() const { return 8; }
+  // X, threshold, weight, scale, bias?, spatial?, channel_scale?, residual?, prelu_slope?
+  size_t GetInputTypeCount() const { return 9; }
   // Any type here: the kernel checks them (Node::CheckTypes) with a better message.
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {

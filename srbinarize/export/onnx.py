@@ -437,9 +437,10 @@ def _compact_names(graph: onnx.GraphProto) -> None:
 
 def _fuse_epilogues(graph: onnx.GraphProto) -> list[str]:
     """Fold a BinaryConv2d's only consumer into its epilogue: an ``Add`` (-> the op's ``residual`` input; through
-    a ``Mul`` by exactly 1, which EDSR's ``res_scale`` traces to), then a ``Relu`` (-> ``relu=1``), in the
-    op's order (t += residual; t = max(t, 0)). The fused node takes the consumer's place in the graph, so
-    every input it reads is computed before it. Returns "name: + residual, + relu" lines."""
+    a ``Mul`` by exactly 1, which EDSR's ``res_scale`` traces to), then a ``Relu`` (-> ``relu=1``) or a
+    ``PRelu`` / ``LeakyRelu`` (-> ``prelu_slope`` [O]), in the op's order (t += residual; then the activation).
+    The fused node takes the consumer's place in the graph, so every input it reads is computed before it.
+    Returns "name: + residual, + relu" lines."""
     from onnx import helper
 
     outputs = {o.name for o in graph.output}
@@ -473,10 +474,29 @@ def _fuse_epilogues(graph: onnx.GraphProto) -> list[str]:
                 node = _move_into_place(graph, node, user)
                 fused.append("+ residual")
         user = only_consumer(node.output[0])
+        out_channels = int(numpy_helper.to_array(consts[node.input[3]]).size)
         if user is not None and user.op_type == "Relu":
             node.attribute.append(helper.make_attribute("relu", 1))
             node = _move_into_place(graph, node, user)
             fused.append("+ relu")
+        elif user is not None and user.op_type in ("PRelu", "LeakyRelu"):
+            if user.op_type == "LeakyRelu":
+                alpha = next((a.f for a in user.attribute if a.name == "alpha"), 0.01)
+                slope = np.full(out_channels, alpha, np.float32)
+            else:
+                given = numpy_helper.to_array(consts[user.input[1]]) if user.input[1] in consts else None
+                # per channel ([O, 1, 1], [O]) or one slope ([1]): anything else is left to onnxruntime
+                ok = given is not None and given.size in (1, out_channels) and given.squeeze().ndim <= 1 and (
+                    given.ndim <= 1 or given.shape[1:] == (1,) * (given.ndim - 1))
+                slope = np.broadcast_to(given.reshape(-1), (out_channels,)).astype(np.float32) if ok else None
+            if slope is not None:
+                name = f"{node.name}.prelu_slope"
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(slope), name))
+                names = list(node.input) + [""] * (8 - len(node.input)) + [name]
+                del node.input[:]
+                node.input.extend(names)
+                node = _move_into_place(graph, node, user)
+                fused.append(f"+ {user.op_type}")
         if fused:
             done.append(f"{node.name}: {', '.join(fused)}")
     return done

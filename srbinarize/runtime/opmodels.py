@@ -45,6 +45,7 @@ def conv_model(
     spatial=False,
     channel_scale=False,
     residual=False,
+    prelu_slope=None,
     weight_input=False,
     x_dtype=np.float32,
     x_shape=None,
@@ -61,7 +62,7 @@ def conv_model(
         inputs.append(helper.make_tensor_value_info("weight", TensorProto.UINT64, list(np.asarray(weight).shape)))
     else:
         init["weight"] = weight
-    names = ["X", "threshold", "weight", "scale", "", "", "", ""]
+    names = ["X", "threshold", "weight", "scale", "", "", "", "", ""]
     if bias is not None:
         init["bias"] = bias
         names[4] = "bias"
@@ -74,6 +75,9 @@ def conv_model(
     if residual:
         inputs.append(helper.make_tensor_value_info("residual", TensorProto.FLOAT, ["N", o, "H", "W"]))
         names[7] = "residual"
+    if prelu_slope is not None:
+        init["prelu_slope"] = prelu_slope
+        names[8] = "prelu_slope"
     while names[-1] == "":
         names.pop()
     attrs = {"kernel_shape": list(kernel_shape), "in_channels": in_channels, "skip": int(skip), **attributes}
