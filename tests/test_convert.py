@@ -364,3 +364,42 @@ def test_checkpoint_of_a_255_model_rebuilds_the_wrapper(tmp_path):
     x = torch.rand(1, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), q(x))
+
+
+class _GroupedSR(nn.Module):
+    """IMDTN's grouped convs and MobileSR's depthwise convs in a small body."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.widen = nn.Conv2d(16, 32, 1, groups=2)
+        self.narrow = nn.Conv2d(32, 16, 3, padding=1)
+        self.tail = nn.Conv2d(16, 12, 3, padding=1)
+
+    def forward(self, x):
+        f = self.head(x)
+        h = self.narrow(self.widen(torch.relu(self.depthwise(torch.relu(self.grouped(f))))))
+        return torch.nn.functional.pixel_shuffle(self.tail(h + f), 2)
+
+
+@pytest.mark.parametrize("skip", ["always", "never"])
+def test_scales_binarizes_grouped_convs(skip, tmp_path):
+    fp = _GroupedSR().eval()
+    x = torch.rand(2, 3, 16, 16)
+    same = srbinarize.convert(fp, "scales", skip=skip, **ALL_OFF).eval()  # the identity delta per group
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), fp(x), rtol=0, atol=1e-5)
+    q = srbinarize.convert(fp, "scales", skip=skip).eval()
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, ScalesConv2d)}
+    assert set(layers) == {"grouped", "depthwise", "widen", "narrow"}
+    assert [layers[n].groups for n in ("grouped", "depthwise", "widen")] == [4, 16, 2]
+    report = srbinarize.export_onnx(q, tmp_path / "m.onnx", x[:1])
+    assert sum("no grouped binary kernel" in line for line in report.fp) == 3
+    session = srbinarize.ort_session(tmp_path / "m.onnx")
+    for size in (16, 20):
+        y = torch.rand(1, 3, size, size)
+        with torch.no_grad():
+            want = q(y).numpy()
+        assert abs(session.run(None, {"x": y.numpy()})[0] - want).max() <= 1e-4

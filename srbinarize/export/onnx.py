@@ -311,14 +311,16 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
     branches: set[str] = set()
     for name, m in model.named_modules():
         if isinstance(m, _ScalesBase):
-            if m.config.binarize_weights and m.config.binarize_activations:
+            grouped = getattr(m, "groups", 1) > 1  # no grouped binary kernel: +-1 values in a standard Conv
+            if m.config.binarize_weights and m.config.binarize_activations and not grouped:
                 m._deployed = _deploy(name, m)
                 m.forward = types.MethodType(_binary_forward, m)
                 report.packed.append(_describe(m._deployed, m))
             else:
                 m.forward = types.MethodType(_fp_forward, m)
                 bits = f"w{m.weight_bits}a{m.act_bits}"
-                report.fp.append(f"{name}: SCALES {bits} (not both binary): standard ONNX ops")
+                why = f"groups={m.groups}, no grouped binary kernel" if grouped else "not both binary"
+                report.fp.append(f"{name}: SCALES {bits} ({why}): standard ONNX ops")
             patched.append(m)
             branches |= {f"{name}.{sub}" for sub in ("spatial", "channel")}
         elif type(m) in (BamConv2d, LmbConv2d, MaConv2d):

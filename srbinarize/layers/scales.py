@@ -67,14 +67,16 @@ class ScalesLinearConfig:
     ste: SteKind = "clipped"
 
 
-def supports_conv(conv: nn.Module) -> str | None:
-    """Why a conv cannot become a binary conv of the deployed kind (None if it can)."""
+def supports_conv(conv: nn.Module, grouped: bool = False) -> str | None:
+    """Why a conv cannot become a binary conv of the deployed kind (None if it can); ``grouped``: groups allowed."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain Conv2d"
     k = conv.kernel_size
     if k[0] != k[1] or k[0] % 2 == 0:
         return f"kernel {k} is not square and odd"
-    if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
+    if grouped and (conv.stride != (1, 1) or conv.dilation != (1, 1)):
+        return "stride and dilation must be 1"
+    if not grouped and (conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1):
         return "stride, dilation and groups must be 1"
     if conv.padding != (k[0] // 2, k[1] // 2) or conv.padding_mode != "zeros":
         return f"padding must be 'same' zero padding ({k[0] // 2}), got {conv.padding} {conv.padding_mode}"
@@ -89,10 +91,11 @@ class _ScalesBase(QuantLayer):
     re-scaling maps apply (`_rescale`).
     """
 
-    def __init__(self, weight_shape: tuple[int, ...], bias: bool, config: ScalesConfig | ScalesLinearConfig):
+    def __init__(self, weight_shape: tuple[int, ...], bias: bool, config: ScalesConfig | ScalesLinearConfig,
+                 in_channels: int | None = None):
         super().__init__()
         self.config = config
-        self.out_channels, self.in_channels = weight_shape[0], weight_shape[1]
+        self.out_channels, self.in_channels = weight_shape[0], in_channels or weight_shape[1]
         self.act_bits = 1 if config.binarize_activations else 32
         self.weight_bits = 1 if config.binarize_weights else 32
         self.weight = nn.Parameter(torch.empty(weight_shape))
@@ -217,9 +220,12 @@ class _ScalesBase(QuantLayer):
 
 
 class ScalesConv2d(_ScalesBase):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool, config: ScalesConfig):
-        super().__init__((out_channels, in_channels, kernel_size, kernel_size), bias, config)
-        self.kernel_size = kernel_size
+    """A SCALES conv; ``groups > 1`` (grouped and depthwise convs) binarizes each group's product alike."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool, config: ScalesConfig,
+                 groups: int = 1):
+        super().__init__((out_channels, in_channels // groups, kernel_size, kernel_size), bias, config, in_channels)
+        self.kernel_size, self.groups = kernel_size, groups
         if config.spatial_rescale:
             ks = config.spatial_kernel_size
             self.spatial = nn.Conv2d(in_channels, 1, ks, padding=ks // 2)
@@ -232,15 +238,16 @@ class ScalesConv2d(_ScalesBase):
 
     @classmethod
     def from_float(cls, module: nn.Module, config: ScalesConfig) -> ScalesConv2d:
-        reason = supports_conv(module)
+        reason = supports_conv(module, grouped=True)
         if reason:
             raise ValueError(f"SCALES cannot replace this conv: {reason}")
-        layer = cls(module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None, config)
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size[0], module.bias is not None, config,
+                    module.groups)
         layer._init_skip_weight(module)
         return layer.to(module.weight.device)
 
     def _product(self, a, w):
-        return F.conv2d(a, w, padding=self.kernel_size // 2)
+        return F.conv2d(a, w, padding=self.kernel_size // 2, groups=self.groups)
 
     def _per_out(self, v):
         return v.view(1, -1, 1, 1)
@@ -252,8 +259,9 @@ class ScalesConv2d(_ScalesBase):
 
     def _identity_delta(self):
         delta = torch.zeros_like(self.weight)
-        c = self.kernel_size // 2
-        delta[:, :, c, c] = torch.eye(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
+        c, per_group = self.kernel_size // 2, self.in_channels // self.groups
+        out = torch.arange(self.out_channels, device=self.weight.device)
+        delta[out, out % per_group, c, c] = 1.0  # output o copies input o, the (o mod C/g)-th of its group
         return delta
 
     def spatial_map(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -290,6 +298,8 @@ class ScalesConv2d(_ScalesBase):
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_channels}, {self.out_channels}, k={self.kernel_size}"]
+        if self.groups > 1:
+            parts.append(f"groups={self.groups}")
         parts.append(f"w{self.weight_bits}a{self.act_bits}")
         on = {"spatial": self.spatial is not None, "channel": self.channel is not None, "skip": self.use_skip}
         parts += [name for name, flag in on.items() if flag]
