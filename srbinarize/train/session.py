@@ -29,7 +29,7 @@ from ..models.spec import ModelSpec
 from .checkpoints import checkpoint_problem, list_checkpoints, prune, save_checkpoint, set_aside
 from .config import RunConfig, write_atomic
 from .data import EvalSet, TrainPatches
-from .metrics import SetResult, bicubic_upscale, evaluate_model, super_resolve
+from .metrics import SetResult, bicubic_upscale, evaluate_bicubic, evaluate_model, super_resolve
 from .report import plot_curves, save_crops, textured_window
 
 BASELINES_FILE = "baselines.json"
@@ -177,9 +177,10 @@ class Session:
 
     # ---- checkpoints
     def save_checkpoint(self, folder: Path, step: int, optimizer: torch.optim.Optimizer, scheduler: Any,
-                        extra: dict[str, Any], keep: int) -> None:
+                        extra: dict[str, Any]) -> None:
+        """The student and the phase's state at ``step`` under ``folder``/checkpoints; the newest ``keep`` stay."""
         save_checkpoint(folder, step, self.student, self.spec, optimizer, scheduler, extra)
-        prune(folder, keep)
+        prune(folder, self.cfg.run.keep)
 
     def latest_checkpoint(self, folder: Path) -> tuple[int, Path] | None:
         """The newest intact checkpoint under ``folder``; a damaged newer one is set aside and logged."""
@@ -194,8 +195,6 @@ class Session:
     # ---- validation
     def add_baseline(self, label: str, model: nn.Module | None = None) -> None:
         """A reference row of the validation figures: ``bicubic``, or ``model`` under ``label``."""
-        from .metrics import evaluate_bicubic
-
         for es in self.val_sets:
             value = (evaluate_bicubic(es, ssim=False).psnr if model is None
                      else evaluate_model(model, es, self.device, ssim=False).psnr)

@@ -244,7 +244,7 @@ class EndToEnd(Phase):
 
     def checkpoint(self, s: Session, step: int) -> None:
         extra: dict[str, Any] = {"best": s.best, "baselines": s.baselines}
-        s.save_checkpoint(s.run_dir, step, self.optimizer, self.schedule, extra, keep=s.cfg.run.keep)
+        s.save_checkpoint(s.run_dir, step, self.optimizer, self.schedule, extra)
 
 
 def _steps_for_budget(s: Session, end: float) -> int:

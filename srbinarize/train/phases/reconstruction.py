@@ -152,7 +152,7 @@ class Reconstruction(Phase):
     def checkpoint(self, s: Session, step: int) -> None:
         k, unit, unit_step = self.position
         s.save_checkpoint(self.root(s.run_dir), step, self.optimizer, self.schedule,
-                          {"unit": k, "unit_path": unit.path, "unit_step": unit_step}, keep=s.cfg.run.keep)
+                          {"unit": k, "unit_path": unit.path, "unit_step": unit_step})
         self.last_save = time.time()
 
 
