@@ -67,7 +67,8 @@ def run_one(args: argparse.Namespace) -> dict:
         converted = convert(model, args.recipe, example_input=crops.lr[:1], calibration_data=cal,
                             input_range=input_range, keep_fp=choice.keep_fp)
         choices.append(choice)
-        mixed[by] = {"keep_fp": choice.keep_fp, "share": choice.binary_share, "estimate": choice.estimated_drop,
+        mixed[by] = {"keep_fp": choice.keep_fp, "share": choice.binary_share, "speedup": choice.speedup,
+                     "estimate": choice.estimated_drop,
                      "psnr": crops_psnr(converted, crops)}
     out = Path(f"{args.output}_{name}")
     write_report(report, out, _command(), choices)
@@ -152,14 +153,15 @@ def write_summary(args: argparse.Namespace, rows: list[dict]) -> None:
         f"Code: {_code_state()}.",
         "",
         "| model | layers | replaced share of body MACs | time s | load avg | FP dB | bicubic dB | all converted dB "
-        "| sum of single drops dB | mixed by gain: kept FP / share / measured dB | mixed by drop: kept FP / share / "
-        "measured dB | PNG |",
+        "| sum of single drops dB | mixed by gain: kept FP / share / speed-up / measured dB | mixed by drop: kept FP / "
+        "share / speed-up / measured dB | PNG |",
         "|" + " --- |" * 12,
     ]
     for r in rows:
         png = Path(r["report"] + ".png").name
         png = f"[{png}]({png})"
-        mixed = [f"{len(m['keep_fp'])} / {100 * m['share']:.1f}% / {m['psnr']:.3f}" for m in r["mixed"].values()]
+        mixed = [f"{len(m['keep_fp'])} / {100 * m['share']:.1f}% / {m['speedup']:.2f}x / {m['psnr']:.3f}"
+                 for m in r["mixed"].values()]
         lines.append(
             f"| {r['model']} | {r['layers']} | {100 * r['body_share']:.1f}% | {r['seconds']:.1f} | {r['load']} | "
             f"{r['fp']:.3f} | {r['bicubic']:.3f} | {r['converted']:.3f} | {r['sum_drops']:.3f} | {mixed[0]} | "

@@ -93,6 +93,20 @@ def test_binary_share_choice_is_met_by_the_conversion(setup, by):
     assert choice.set_argument() == "keep_fp=[" + ", ".join(choice.keep_fp) + "]"
 
 
+def test_target_speedup_choice_is_met_by_the_conversion(setup):
+    model, _crops, cal, report = setup
+    full = srbinarize.summary(srbinarize.convert(model, "scales", calibration_data=cal), input_size=(16, 16))
+    reachable = full.ops_before / full.ops_after
+    choice = report.keep_fp(target_speedup=0.8 * reachable)
+    assert 0 < len(choice.keep_fp) < len(BODY)
+    table = srbinarize.summary(srbinarize.convert(model, "scales", calibration_data=cal, keep_fp=choice.keep_fp),
+                               input_size=(16, 16))
+    assert table.ops_before / table.ops_after == pytest.approx(choice.speedup)
+    assert choice.speedup >= 0.8 * reachable
+    with pytest.raises(SrbinarizeError, match="speed-up"):
+        report.keep_fp(target_speedup=1.01 * reachable)
+
+
 def test_max_drop_choice(setup):
     _model, _crops, _cal, report = setup
     positive = {s.name for s in report.layers if s.drop > 0}

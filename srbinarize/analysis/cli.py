@@ -30,6 +30,8 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--binary-share", type=float, metavar="P",
                    help="also choose the layers to keep FP so that at least P of the body's MACs stay binary; "
                    "writes PREFIX_mixed.yaml, a recipe with them in targets.keep_fp")
+    g.add_argument("--target-speedup", type=float, metavar="X",
+                   help="also choose the layers to keep FP so that the modelled speed-up (OPs) stays at least X")
     g.add_argument("--max-drop", type=float, metavar="DB",
                    help="also choose the layers to keep FP so that the estimated drop is at most DB")
     g.add_argument("--by", choices=("gain", "drop"), default="gain",
@@ -59,8 +61,8 @@ def run_sensitivity(model: nn.Module, args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
     print(report)
     choices = []
-    if args.binary_share is not None or args.max_drop is not None:
-        choices.append(report.keep_fp(binary_share=args.binary_share, max_drop=args.max_drop, by=args.by))
+    if any(v is not None for v in (args.binary_share, args.max_drop, args.target_speedup)):
+        choices.append(report.keep_fp(args.binary_share, args.max_drop, args.by, args.target_speedup))
         print(f"\n{choices[0]}")
     prefix = args.output or Path(f"sensitivity_{name}")
     paths = write_report(report, prefix, _command(args), choices)
@@ -82,9 +84,13 @@ def _command(args: argparse.Namespace) -> list[str]:
     cmd += ["--crops", str(args.crops), "--crop-size", str(args.crop_size), "--threads", str(args.threads)]
     if args.input_range is not None:
         cmd += ["--input-range", f"{args.input_range:g}"]
-    for flag, value in (("--binary-share", args.binary_share), ("--max-drop", args.max_drop)):
+    targets = (("--binary-share", args.binary_share), ("--target-speedup", args.target_speedup),
+               ("--max-drop", args.max_drop))
+    for flag, value in targets:
         if value is not None:
-            cmd += [flag, f"{value:g}", "--by", args.by]
+            cmd += [flag, f"{value:g}"]
+    if any(value is not None for _, value in targets):
+        cmd += ["--by", args.by]
     if args.output:
         cmd += ["-o", str(args.output)]
     return cmd

@@ -14,8 +14,10 @@ skipping those that no longer fit.
 
 - ``binary_share=P``: at least ``P`` of the MACs of the recipe's target roles (the body) stay binary;
   within that, as many layers as fit are kept FP.
-- ``max_drop=DB``: layers are kept FP until the estimated drop is at most ``DB`` (with ``binary_share``
-  too, only as far as the share allows).
+- ``target_speedup=X``: the model's modelled speed-up (the summary's OPs before over after: BOPs/64 + FLOPs)
+  stays at least ``X``; within that, as many layers as fit are kept FP.
+- ``max_drop=DB``: layers are kept FP until the estimated drop is at most ``DB`` (with a share or speed-up
+  target too, only as far as those allow).
 
 The result's ``keep_fp`` goes to ``convert(model, recipe, keep_fp=[...])``, ``--set keep_fp=[...]``, or a
 recipe file of its own (`write_mixed_recipe`) that ``--recipe`` takes.
@@ -42,6 +44,7 @@ class MixedChoice:
 
     keep_fp: list[str]
     binary_share: float  # of the target roles' MACs, after keeping ``keep_fp`` FP
+    speedup: float  # modelled: the model's FP OPs over its OPs after the mixed conversion
     estimated_drop: float  # dB below FP, by the additive model of ``by``
     met: bool  # both targets reached (by the estimate)
     target: str  # the targets asked for, in words
@@ -54,25 +57,32 @@ class MixedChoice:
     def __str__(self) -> str:
         state = "met" if self.met else "NOT met"
         return (f"{self.target} ({state}, by {self.by}): keep {len(self.keep_fp)} layers FP; "
-                f"{100 * self.binary_share:.1f}% of the body's MACs binary; "
+                f"{100 * self.binary_share:.1f}% of the body's MACs binary, modelled speed-up {self.speedup:.2f}x; "
                 f"estimated drop {self.estimated_drop:.3f} dB\n"
                 f"--set '{self.set_argument()}'")
 
 
 def choose_keep_fp(
-    report: SensitivityReport, binary_share: float | None = None, max_drop: float | None = None, by: str = "gain"
+    report: SensitivityReport,
+    binary_share: float | None = None,
+    max_drop: float | None = None,
+    by: str = "gain",
+    target_speedup: float | None = None,
 ) -> MixedChoice:
-    """The layers to keep FP so that ``binary_share`` / ``max_drop`` hold (see the module doc)."""
-    if binary_share is None and max_drop is None:
-        raise SensitivityError("give a target: binary_share (fraction of body MACs kept binary) and/or max_drop (dB)")
+    """The layers to keep FP so that ``binary_share`` / ``target_speedup`` / ``max_drop`` hold (module doc)."""
+    if binary_share is None and max_drop is None and target_speedup is None:
+        raise SensitivityError("give a target: binary_share (fraction of body MACs kept binary), target_speedup "
+                               "(modelled OPs ratio) and/or max_drop (dB)")
     if binary_share is not None and not 0 <= binary_share <= 1:
         raise SensitivityError(f"binary_share is a fraction of the body's MACs in [0, 1], got {binary_share}")
+    if target_speedup is not None and not (target_speedup > 0 and math.isfinite(target_speedup)):
+        raise SensitivityError(f"target_speedup is a positive ratio of OPs, got {target_speedup}")
     if max_drop is not None and (max_drop < 0 or not math.isfinite(max_drop)):
         raise SensitivityError(f"max_drop is a non-negative PSNR drop in dB, got {max_drop}")
     if by not in MEASURES:
         raise SensitivityError(f"by must be one of {list(MEASURES)}, got {by!r}")
-    target = ", ".join(f"{k} {v:g}" for k, v in (("binary share", binary_share), ("max drop", max_drop))
-                       if v is not None)
+    asked = (("binary share", binary_share), ("target speed-up", target_speedup), ("max drop", max_drop))
+    target = ", ".join(f"{k} {v:g}" for k, v in asked if v is not None)
     total = report.target_macs
     binary = report.binary_macs
     # Whole MACs, the share's product rounded up (a relative 1e-12 forgives 0.6 * 5 = 3.0000000000000004).
@@ -83,6 +93,16 @@ def choose_keep_fp(
             f"even with no layer kept FP, below the binary share {100 * binary_share:.1f}% asked for"
         )
     budget = math.inf if binary_share is None else binary - required
+    # OPs of the model: FP MACs of what stays FP, BOPs/64 + FLOPs of what is converted (the summary's counts).
+    ops = report.total_macs - binary + sum(s.ops for s in report.layers)
+    ops_budget = math.inf
+    if target_speedup is not None:
+        ops_budget = report.total_macs / target_speedup - ops
+        if ops_budget < 0:
+            raise SensitivityError(
+                f"{report.model}: recipe {report.recipe} reaches a modelled speed-up of "
+                f"{report.total_macs / ops:.2f}x even with no layer kept FP, below the {target_speedup:g}x asked for"
+            )
     measured = [s for s in report.layers if math.isfinite(getattr(s, by))]
     drop = report.fp_psnr - report.converted_psnr if by == "gain" else sum(s.drop for s in measured)
     candidates = sorted((s for s in measured if getattr(s, by) > 0), key=lambda s: -getattr(s, by) / max(s.macs, 1))
@@ -90,13 +110,16 @@ def choose_keep_fp(
     for layer in candidates:
         if max_drop is not None and drop <= max_drop:
             break
-        if layer.macs <= budget:
+        extra_ops = layer.macs - layer.ops  # what keeping it FP adds to the model's OPs
+        if layer.macs <= budget and extra_ops <= ops_budget:
             keep.append(layer.name)
             budget -= layer.macs
+            ops_budget -= extra_ops
             binary -= layer.macs
+            ops += extra_ops
             drop -= getattr(layer, by)
     met = max_drop is None or drop <= max_drop
-    return MixedChoice(keep, binary / total if total else 0.0, drop, met, target, by)
+    return MixedChoice(keep, binary / total if total else 0.0, report.total_macs / ops, drop, met, target, by)
 
 
 def write_mixed_recipe(recipe: str | Path | Recipe, choice: MixedChoice, path: str | Path,

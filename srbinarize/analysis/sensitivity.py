@@ -245,11 +245,12 @@ class SensitivityReport:
         tmp.replace(path)
         return path
 
-    def keep_fp(self, binary_share: float | None = None, max_drop: float | None = None, by: str = "gain"):
+    def keep_fp(self, binary_share: float | None = None, max_drop: float | None = None, by: str = "gain",
+                target_speedup: float | None = None) -> MixedChoice:
         """The layers to keep FP for a target; see `srbinarize.analysis.mixed.choose_keep_fp`."""
         from .mixed import choose_keep_fp
 
-        return choose_keep_fp(self, binary_share=binary_share, max_drop=max_drop, by=by)
+        return choose_keep_fp(self, binary_share, max_drop, by, target_speedup)
 
 
 def sensitivity(
