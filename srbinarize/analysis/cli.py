@@ -17,7 +17,8 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-layer sensitivity (with --sensitivity)")
     g.add_argument("--sensitivity", action="store_true",
                    help="PSNR-Y drop of each layer the recipe replaces when it alone is converted (calibrated, no "
-                   "training), its share of MACs and modelled speed-up; prints the table, writes .md/.json/.png")
+                   "training), the PSNR-Y it regains when it alone stays FP, its share of MACs and modelled "
+                   "speed-up; prints the table, writes .md/.json/.png")
     g.add_argument("--recipe", default="scales", help="shipped recipe name or path to a .yaml recipe")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe option")
     g.add_argument("--images", help="image folder (HR/ + LR_bicubic/X<s>/, or HR images only); default: the "
@@ -28,8 +29,8 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument("--input-range", type=float, help="the model takes RGB in [0, this]: 1 or 255 (default: "
                        "the model's own, 1 unless it is wrapped)")
     g.add_argument("--binary-share", type=float, metavar="P",
-                   help="also choose the layers to keep FP so that at least P of the body's MACs stay binary; "
-                   "writes PREFIX_mixed.yaml, a recipe with them in targets.keep_fp")
+                   help="also choose the layers to keep FP so that at least P of the body's MACs stay binary (any "
+                   "target writes PREFIX_mixed.yaml, a recipe with the chosen layers in targets.keep_fp)")
     g.add_argument("--target-speedup", type=float, metavar="X",
                    help="also choose the layers to keep FP so that the modelled speed-up (OPs) stays at least X")
     g.add_argument("--max-drop", type=float, metavar="DB",
