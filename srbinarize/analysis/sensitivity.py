@@ -232,11 +232,13 @@ class SensitivityReport:
         twin.set_ylabel("share of model MACs (%)")
         twin.set_ylim(bottom=0)
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper right")
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower center", ncol=3,
+                  bbox_to_anchor=(0.5, 1.0), frameon=False)
+        ax.axhline(0, color="black", linewidth=0.5)
         ax.set_title(f"{self.model} / {self.recipe} x{self.scale}: FP {self.fp_psnr:.2f} dB, all converted "
                      f"{self.converted_psnr:.2f} dB, bicubic {self.bicubic_psnr:.2f} dB ({self.crops} crops "
                      f"{self.crop_size}px)",
-                     fontsize=9)
+                     fontsize=9, pad=18)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.png")
