@@ -86,8 +86,11 @@ def test_scales_parity_at_two_sizes(case, tmp_path):
     assert set(nodes) == set(layers) and len(report.packed) == len(layers) > 0
     for name, node in nodes.items():
         layer = layers[name]
-        inputs = list(node.input) + [""] * (7 - len(node.input))
-        assert bool(inputs[5]) == (layer.spatial is not None) and bool(inputs[6]) == (layer.channel is not None)
+        inputs = list(node.input) + [""] * (11 - len(node.input))
+        # the spatial map: computed by standard ops (input 5), or a 1x1 conv C->1 inside the op (inputs 9, 10)
+        inside = layer.spatial is not None and layer.spatial.kernel_size == (1, 1)
+        assert bool(inputs[5]) == (layer.spatial is not None and not inside) and bool(inputs[9]) == inside
+        assert bool(inputs[6]) == (layer.channel is not None)
         skip = next(a.i for a in node.attribute if a.name == "skip")
         assert skip == int(layer.use_skip)
     if overrides.get("skip") in ("always", "never"):
@@ -260,7 +263,7 @@ def test_residual_add_and_relu_fold_into_the_binary_ops(tmp_path):
     nodes = {n.name: n for n in binary_nodes(path)}
     relu = {name for name, n in nodes.items() if any(a.name == "relu" and a.i == 1 for a in n.attribute)}
     assert relu == {"body.0.conv1", "body.1.conv1"}
-    assert {name for name, n in nodes.items() if len(n.input) == 8 and n.input[7]} == {
+    assert {name for name, n in nodes.items() if len(n.input) > 7 and n.input[7]} == {
         "body.0.conv2", "body.1.conv2", "conv_after_body"}
     assert "Relu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
     check_parity(model, path)
@@ -274,6 +277,6 @@ def test_efdn_prelu_and_relu_fold_and_match_pytorch(tmp_path):
     report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
     assert sum(line.count("+ PRelu") for line in report.fused) == 12
     assert "PRelu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
-    slopes = [n for n in binary_nodes(path) if len(n.input) == 9 and n.input[8]]
+    slopes = [n for n in binary_nodes(path) if len(n.input) > 8 and n.input[8]]
     assert len(slopes) == 12
     check_parity(model, path, sizes=((48, 48), (44, 52)))

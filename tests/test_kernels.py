@@ -190,6 +190,31 @@ def test_conv_residual_and_activation_epilogue(path, c, o, hw, act):
         wrong.run(None, {"X": x, "spatial": spatial, "residual": res[:, :, :-1]})
 
 
+@pytest.mark.parametrize(("c", "o", "hw"), [(24, 24, (9, 13)), (64, 64, (5, 67)), (70, 5, (4, 33)), (3, 8, (1, 1))])
+def test_conv_fused_spatial_map(path, c, o, hw):
+    """spatial_weight / spatial_bias: spatial = sigmoid(sum_c w[c] x[c] + b) computed inside the op."""
+    rng = np.random.default_rng(c * 7 + o)
+    n, k = 2, 3
+    x = rng.standard_normal((n, c, *hw)).astype(np.float32)
+    x[0, :, 0, 0] = 40.0  # saturated sigmoid ends
+    x[1, :, 0, 0] = -40.0
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (o, c, k, k))
+    scale = rng.uniform(0.5, 1.5, o).astype(np.float32)
+    sw = (rng.standard_normal(c) / np.sqrt(c)).astype(np.float32)
+    sb = np.array([0.3], np.float32)
+    model = conv_model(thr, pack_conv_weight(wt), scale, None, kernel_shape=(k, k), in_channels=c,
+                       spatial_weight=sw, spatial_bias=sb)
+    y = ort_session(model).run(None, {"X": x})[0]
+    logit = np.einsum("c,nchw->nhw", sw.astype(np.float64), x.astype(np.float64))[:, None] + sb[0]
+    t = binary_conv2d_dot(x, thr, wt) * scale[None, :, None, None].astype(np.float64) / (1 + np.exp(-logit))
+    np.testing.assert_allclose(y, t, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="give one of them"):
+        both = conv_model(thr, pack_conv_weight(wt), scale, None, kernel_shape=(k, k), in_channels=c, spatial=True,
+                          spatial_weight=sw, spatial_bias=sb)
+        ort_session(both).run(None, {"X": x, "spatial": np.ones((n, 1, *hw), np.float32)})
+
+
 def test_conv_optional_inputs_by_empty_name_and_graph_input_weight(path):
     rng = np.random.default_rng(3)
     c, o, k = 10, 6, 3

@@ -76,7 +76,8 @@ void dot_tile(const DotTile& a) {
 // streams at a time); for 16 pixels, each channel's compare mask sets its bit in the 16 words (8 per
 // register) of its word, which the first group of a word stores and the others update.
 void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
-                const float* threshold, uint64_t* out, ptrdiff_t line) {
+                const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
+                float* spatial_sum) {
   const int words = (channels + 63) / 64;
   for (int c0 = 0; c0 < channels; c0 += 8) {
     const int c1 = channels < c0 + 8 ? channels : c0 + 8, k = c0 / 64;
@@ -93,8 +94,11 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
           hi = _mm512_maskz_loadu_epi64(__mmask8(valid >> 8), dst + p + 8);
         }
         __m512i bit = first_bit;
+        float* sum_at = spatial_sum ? spatial_sum + ptrdiff_t(r) * width + p : nullptr;
+        __m512 sum = c0 == 0 || !sum_at ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, sum_at);
         for (int c = c0; c < c1; ++c) {
           const __m512 v = _mm512_maskz_loadu_ps(valid, src + c * channel_stride + p);
+          if (sum_at) sum = _mm512_add_ps(sum, _mm512_mul_ps(v, _mm512_set1_ps(spatial_weight[c])));
           const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(threshold[c]), _CMP_GE_OQ);
           lo = _mm512_mask_or_epi64(lo, __mmask8(m), lo, bit);
           hi = _mm512_mask_or_epi64(hi, __mmask8(m >> 8), hi, bit);
@@ -102,6 +106,7 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
         }
         _mm512_mask_storeu_epi64(dst + p, __mmask8(valid), lo);
         _mm512_mask_storeu_epi64(dst + p + 8, __mmask8(valid >> 8), hi);
+        if (sum_at) _mm512_mask_storeu_ps(sum_at, valid, sum);
       }
     }
   }
@@ -187,8 +192,37 @@ void build_windows(const ConvRow& a) {
   }
 }
 
+// exp(x) for 16 lanes: 2^n * e^f with n = round(x / ln 2), f = x - n ln 2 (two-part ln 2), e^f by its
+// degree-6 Taylor polynomial (|f| <= ln 2 / 2: relative error about 2e-7), 2^n by scalef (which gives
+// 0 and inf on under- and overflow).
+inline __m512 exp16(__m512 x) {
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 f = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145751953125f)));
+  f = _mm512_sub_ps(f, _mm512_mul_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f)));
+  static const float coefficients[6] = {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : coefficients) p = _mm512_add_ps(_mm512_mul_ps(p, f), _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// spatial_row[p] = 1 / (1 + exp(-(spatial_sum[p] + bias))).
+void spatial_row(const ConvRow& a) {
+  for (int p = 0; p < a.width; p += 16) {
+    const __mmask16 m = a.width - p >= 16 ? __mmask16(0xffff) : __mmask16((1u << (a.width - p)) - 1);
+    const __m512 t = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a.spatial_sum + p), _mm512_set1_ps(a.spatial_bias));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), t));
+    _mm512_storeu_ps(a.spatial_row + p,
+                     _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+  }
+}
+
 void conv_row(const ConvRow& row) {
   ConvRow a = row;
+  if (row.spatial_sum) {
+    spatial_row(row);
+    a.spatial = row.spatial_row;
+  }
   if (row.concat_channels) {
     build_windows(row);
     a.x = row.window;

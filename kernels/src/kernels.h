@@ -77,6 +77,11 @@ struct ConvRow {
   // Fewer steps than one word per tap: every popcount works on (nearly) 64 bits in use.
   int concat_channels, kh, kw;
   uint64_t* window;
+  // Fused spatial map, when spatial_sum is set (and spatial is not): spatial = sigmoid(spatial_sum[p] +
+  // spatial_bias), computed once per row into spatial_row ([round_up(width, 16)] scratch).
+  const float* spatial_sum;
+  float spatial_bias;
+  float* spatial_row;
 };
 
 struct Kernels {
@@ -96,8 +101,10 @@ struct Kernels {
   void (*dot_tile)(const DotTile& tile);
   // Optional (nullptr where not implemented): `rows` rows of `width` pixels -> the ConvRow line layout,
   // row r's word k at out + (r * words + k) * line (pixel p at word index p; only pixels < width written).
+  // With spatial_weight, also spatial_sum[r * width + p] = sum over c (in order) of w[c] * x[c, r, p].
   void (*pack_lines)(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
-                     const float* threshold, uint64_t* out, ptrdiff_t line);
+                     const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
+                     float* spatial_sum);
   void (*conv_row)(const ConvRow& row);
 };
 

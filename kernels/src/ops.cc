@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -240,7 +241,7 @@ class ConvKernel {
     Ort::ConstKernelInfo info(raw_info);
     node_.prefix = "BinaryConv2d node '" + info.GetNodeName() + "': ";
     node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale", "residual",
-                            "prelu_slope"});
+                            "prelu_slope", "spatial_weight", "spatial_bias"});
     isa_ = &SelectOrFail(node_);
     std::vector<int64_t> k;
     try {
@@ -286,7 +287,8 @@ class ConvKernel {
     const float* x;
     const float* threshold;
     const PreparedWeights& wt;
-    const float *scale, *bias, *spatial, *channel, *residual, *slope;
+    const float *scale, *bias, *spatial, *channel, *residual, *slope, *spatial_weight;
+    float spatial_bias;
     float* y;
     int n, h, w;
   };
@@ -320,18 +322,41 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   if (residual.data) node_.Expect(residual, "residual", {n_images, O, h_in, w_in}, "float32 [N, O, H, W]");
   if (slope.data) node_.Expect(slope, "prelu_slope", {O}, "float32 [O]");
   if (slope.data && relu_) node_.Fail("relu = 1 and a prelu_slope input: give one of them");
+  const Node::Input spatial_w = node_.Get(ctx, 9), spatial_b = node_.Get(ctx, 10);
+  if (spatial_w.data || spatial_b.data) {
+    if (spatial.data) node_.Fail("inputs 'spatial' and 'spatial_weight' / 'spatial_bias': give one of them");
+    node_.Expect(spatial_w, "spatial_weight", {channels_}, "float32 [C]");
+    node_.Expect(spatial_b, "spatial_bias", {1}, "float32 [1]");
+  }
+  const auto* sw = static_cast<const float*>(spatial_w.data);
+  const float sb = spatial_b.data ? *static_cast<const float*>(spatial_b.data) : 0.f;
   if (bias.data) node_.Expect(bias, "bias", {O}, "float32 [O]");
   if (spatial.data) node_.Expect(spatial, "spatial", {n_images, 1, h_in, w_in}, "float32 [N, 1, H, W]");
   if (chan.data) node_.Expect(chan, "channel_scale", {n_images, O}, "float32 [N, O]");
 
   float* y = ctx.GetOutput(0, {n_images, O, h_in, w_in}).GetTensorMutableData<float>();
   if (n_images * h_in * w_in == 0) return;
+  // Without a fused path: the spatial map from spatial_weight / spatial_bias, one pass before the conv.
+  std::vector<float> spatial_map;
+  const void* spatial_data = spatial.data;
+  if (sw && !isa_->conv_row) {
+    const auto* xf = static_cast<const float*>(x.data);
+    const ptrdiff_t plane = h_in * w_in;
+    spatial_map.assign(size_t(n_images * plane), 0.f);
+    for (int64_t n = 0; n < n_images; ++n) {
+      float* s = spatial_map.data() + n * plane;
+      for (int64_t c = 0; c < channels_; ++c)
+        for (ptrdiff_t p = 0; p < plane; ++p) s[p] += xf[(n * channels_ + c) * plane + p] * sw[c];
+      for (ptrdiff_t p = 0; p < plane; ++p) s[p] = 1.f / (1.f + std::exp(-(s[p] + sb)));
+    }
+    spatial_data = spatial_map.data();
+  }
   if (isa_->conv_row) {
     ComputeRows(ctx, Args{static_cast<const float*>(x.data), static_cast<const float*>(node_.Get(ctx, 1).data),
                           wt, static_cast<const float*>(scale.data), static_cast<const float*>(bias.data),
                           static_cast<const float*>(spatial.data), static_cast<const float*>(chan.data),
-                          static_cast<const float*>(residual.data), static_cast<const float*>(slope.data), y,
-                          int(n_images), int(h_in), int(w_in)});
+                          static_cast<const float*>(residual.data), static_cast<const float*>(slope.data), sw, sb,
+                          y, int(n_images), int(h_in), int(w_in)});
     return;
   }
 
@@ -359,7 +384,7 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   const auto* thr = static_cast<const float*>(node_.Get(ctx, 1).data);
   const auto* scale_f = static_cast<const float*>(scale.data);
   const auto* bias_f = static_cast<const float*>(bias.data);
-  const auto* spatial_f = static_cast<const float*>(spatial.data);
+  const auto* spatial_f = static_cast<const float*>(spatial_data);
   const auto* chan_f = static_cast<const float*>(chan.data);
   const auto* residual_f = static_cast<const float*>(residual.data);
   const auto* slope_f = static_cast<const float*>(slope.data);
@@ -504,9 +529,14 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
     const int n = int(b / bands_per_image);
     const int h0 = int(b % bands_per_image) * band, h1 = std::min(H, h0 + band);
     thread_local std::vector<uint64_t> packed, window;
+    thread_local std::vector<float> sums, spatial_row;
     try {
       packed.assign(size_t(h1 - h0 + 2 * ph) * words * line, 0);
       window.resize(size_t(a.wt.concat_steps) * line);
+      if (a.spatial_weight) {
+        sums.resize(size_t(h1 - h0 + 2 * ph) * W);
+        spatial_row.resize((W + 15) / 16 * 16);
+      }
     } catch (const std::bad_alloc&) {
       out_of_memory = true;
       return;
@@ -516,7 +546,8 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
     const float* xn = a.x + ptrdiff_t(n) * C * plane;
     const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);
     isa.pack_lines(xn + ptrdiff_t(r0) * W, plane, C, r1 - r0, W, a.threshold,
-                   packed.data() + ptrdiff_t(r0 - h0 + ph) * words * line + pw, line);
+                   packed.data() + ptrdiff_t(r0 - h0 + ph) * words * line + pw, line, a.spatial_weight,
+                   a.spatial_weight ? sums.data() : nullptr);
     for (int h = h0; h < h1; ++h) {
       const int cls = row_class[h];
       const bool inner = classes[cls] == std::pair<int, int>{0, KH};
@@ -554,6 +585,9 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       row.kh = KH;
       row.kw = KW;
       row.window = window.data();
+      row.spatial_sum = a.spatial_weight ? sums.data() + ptrdiff_t(h - r0) * W : nullptr;
+      row.spatial_bias = a.spatial_bias;
+      row.spatial_row = spatial_row.data();
       isa.conv_row(row);
     }
   };
@@ -566,8 +600,9 @@ struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
     return Guard([&] { *kernel = new ConvKernel(info); });
   }
   const char* GetName() const { return "BinaryConv2d"; }
-  // X, threshold, weight, scale, bias?, spatial?, channel_scale?, residual?, prelu_slope?
-  size_t GetInputTypeCount() const { return 9; }
+  // X, threshold, weight, scale, bias?, spatial?, channel_scale?, residual?, prelu_slope?, spatial_weight?,
+  // spatial_bias?
+  size_t GetInputTypeCount() const { return 11; }
   // Any type here: the kernel checks them (Node::CheckTypes) with a better message.
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {

@@ -54,7 +54,9 @@ from ..runtime import DOMAIN, cpu_has_vnni
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
 
 OPSET = 17
-_SLOTS = "threshold", "weight", "scale", "bias", "spatial", "channel_scale"
+# The op's inputs after X, in order (kernels/README.md); residual and prelu_slope are set by `_fuse_epilogues`.
+_SLOTS = ("threshold", "weight", "scale", "bias", "spatial", "channel_scale", "residual", "prelu_slope",
+          "spatial_weight", "spatial_bias")
 
 
 class OnnxExportError(SrbinarizeError):
@@ -101,9 +103,14 @@ class _Deployed:
     bias: torch.Tensor | None
     skip: bool
     kernel_size: int = 0
+    spatial_weight: torch.Tensor | None = None  # [C]: the spatial map (1x1 conv C->1 + sigmoid) inside the op
+    spatial_bias: torch.Tensor | None = None  # [1]
 
     def compute(self, x: torch.Tensor, spatial: torch.Tensor | None, channel: torch.Tensor | None) -> torch.Tensor:
         """The op's semantics in PyTorch (kernels/README.md), epilogue in the kernel's order."""
+        if spatial is None and self.spatial_weight is not None:
+            logit = torch.einsum("c,nchw->nhw", self.spatial_weight, x)[:, None] + self.spatial_bias
+            spatial = torch.sigmoid(logit)
         if self.op == "BinaryConv2d":
             a = torch.where(x >= self.threshold.view(1, -1, 1, 1), 1.0, -1.0)
             t = F.conv2d(a, self.weight_pm1, padding=self.kernel_size // 2) * self.scale.view(1, -1, 1, 1)
@@ -128,7 +135,8 @@ class _BinaryOp(torch.autograd.Function):
         # Present inputs in order; `_slots` records which optional ones they are (rewritten by `_finish`).
         slots, inputs = [], [x]
         consts = {"threshold": dep.threshold, "weight": torch.from_numpy(dep.packed.view(np.int64)),
-                  "scale": dep.scale, "bias": dep.bias}
+                  "scale": dep.scale, "bias": dep.bias, "spatial_weight": dep.spatial_weight,
+                  "spatial_bias": dep.spatial_bias}
         for slot in _SLOTS:
             value = {"spatial": spatial, "channel_scale": channel}.get(slot, consts.get(slot))
             if value is None:
@@ -262,7 +270,18 @@ def _deploy(name: str, layer: _ScalesBase) -> _Deployed:
             bias=None if layer.bias is None else layer.bias.detach().float().clone(),
             skip=layer.use_skip,
             kernel_size=layer.kernel_size if conv else 0,
+            **(_fusable_spatial(layer) if conv else {}),
         )
+
+
+def _fusable_spatial(layer: ScalesConv2d) -> dict[str, torch.Tensor]:
+    """A spatial map that is a 1x1 conv C->1 with bias goes into the op (spatial_weight / spatial_bias): the op
+    computes it while binarizing X, instead of standard ops reading X once more."""
+    conv = layer.spatial
+    if conv is None or conv.kernel_size != (1, 1) or conv.bias is None or conv.out_channels != 1 or conv.groups != 1:
+        return {}
+    return {"spatial_weight": conv.weight.detach().float().reshape(-1).clone(),
+            "spatial_bias": conv.bias.detach().float().reshape(1).clone()}
 
 
 def _spatial_map(layer: _ScalesBase, x: torch.Tensor) -> torch.Tensor | None:
@@ -281,7 +300,8 @@ def _spatial_map(layer: _ScalesBase, x: torch.Tensor) -> torch.Tensor | None:
 
 def _binary_forward(self: _ScalesBase, x: torch.Tensor) -> torch.Tensor:
     channel = self.channel_vector(x) if isinstance(self, ScalesConv2d) else None
-    return _BinaryOp.apply(x, _spatial_map(self, x), channel, self._deployed)
+    fused = self._deployed.spatial_weight is not None  # computed inside the op from X
+    return _BinaryOp.apply(x, None if fused else _spatial_map(self, x), channel, self._deployed)
 
 
 def _fp_forward(self: _ScalesBase, x: torch.Tensor) -> torch.Tensor:
@@ -297,7 +317,8 @@ def _fp_forward(self: _ScalesBase, x: torch.Tensor) -> torch.Tensor:
 
 
 def _describe(dep: _Deployed, layer: _ScalesBase) -> str:
-    parts = [p for p, on in (("spatial", layer.spatial is not None), ("channel", layer.channel is not None),
+    spatial = "spatial (in the op)" if dep.spatial_weight is not None else "spatial"
+    parts = [p for p, on in ((spatial, layer.spatial is not None), ("channel", layer.channel is not None),
                              ("bias", dep.bias is not None), ("skip", dep.skip)) if on]
     shape = f"{layer.in_channels}->{layer.out_channels}" + (f" k{dep.kernel_size}" if dep.kernel_size else "")
     return f"{dep.name}: {dep.op} {shape} [{', '.join(parts)}]"
@@ -464,13 +485,11 @@ def _fuse_epilogues(graph: onnx.GraphProto) -> list[str]:
         chain = []
         if user is not None and user.op_type == "Mul" and any(is_one(i) for i in user.input):
             chain, user = [user], only_consumer(user.output[0])
-        if user is not None and user.op_type == "Add" and len(node.input) <= 7:
+        if user is not None and user.op_type == "Add":
             tail = chain[-1].output[0] if chain else node.output[0]
             other = [i for i in user.input if i != tail]
             if len(other) == 1 and other[0] not in consts:
-                names = list(node.input) + [""] * (7 - len(node.input)) + [other[0]]
-                del node.input[:]
-                node.input.extend(names)
+                _set_input(node, 1 + _SLOTS.index("residual"), other[0])
                 for n in chain:
                     graph.node.remove(n)
                 node = _move_into_place(graph, node, user)
@@ -494,14 +513,19 @@ def _fuse_epilogues(graph: onnx.GraphProto) -> list[str]:
             if slope is not None:
                 name = f"{node.name}.prelu_slope"
                 graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(slope), name))
-                names = list(node.input) + [""] * (8 - len(node.input)) + [name]
-                del node.input[:]
-                node.input.extend(names)
+                _set_input(node, 1 + _SLOTS.index("prelu_slope"), name)
                 node = _move_into_place(graph, node, user)
                 fused.append(f"+ {user.op_type}")
         if fused:
             done.append(f"{node.name}: {', '.join(fused)}")
     return done
+
+
+def _set_input(node: onnx.NodeProto, index: int, name: str) -> None:
+    names = list(node.input) + [""] * max(0, index + 1 - len(node.input))
+    names[index] = name
+    del node.input[:]
+    node.input.extend(names)
 
 
 def _move_into_place(graph: onnx.GraphProto, node: onnx.NodeProto, consumer: onnx.NodeProto) -> onnx.NodeProto:

@@ -46,6 +46,8 @@ def conv_model(
     channel_scale=False,
     residual=False,
     prelu_slope=None,
+    spatial_weight=None,
+    spatial_bias=None,
     weight_input=False,
     x_dtype=np.float32,
     x_shape=None,
@@ -62,7 +64,7 @@ def conv_model(
         inputs.append(helper.make_tensor_value_info("weight", TensorProto.UINT64, list(np.asarray(weight).shape)))
     else:
         init["weight"] = weight
-    names = ["X", "threshold", "weight", "scale", "", "", "", "", ""]
+    names = ["X", "threshold", "weight", "scale", "", "", "", "", "", "", ""]
     if bias is not None:
         init["bias"] = bias
         names[4] = "bias"
@@ -78,6 +80,9 @@ def conv_model(
     if prelu_slope is not None:
         init["prelu_slope"] = prelu_slope
         names[8] = "prelu_slope"
+    if spatial_weight is not None:  # the spatial map computed inside the op
+        init["spatial_weight"], init["spatial_bias"] = spatial_weight, spatial_bias
+        names[9], names[10] = "spatial_weight", "spatial_bias"
     while names[-1] == "":
         names.pop()
     attrs = {"kernel_shape": list(kernel_shape), "in_channels": in_channels, "skip": int(skip), **attributes}
