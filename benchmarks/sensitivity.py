@@ -70,6 +70,15 @@ def run_one(args: argparse.Namespace) -> dict:
         mixed[by] = {"keep_fp": choice.keep_fp, "share": choice.binary_share, "speedup": choice.speedup,
                      "estimate": choice.estimated_drop,
                      "psnr": crops_psnr(converted, crops)}
+    stability = None
+    if args.compare_images:  # the same report on other images: do the layer rankings hold?
+        other = sensitivity(model, args.recipe, calibration_crops(Path(args.compare_images), 4, args.crops,
+                                                                   args.crop_size), input_range=input_range)
+        stability = {"images": other.images, "seconds": other.seconds,
+                     **{f"spearman_{m}": _spearman([getattr(s, m) for s in report.layers],
+                                                   [getattr(s, m) for s in other.layers]) for m in ("drop", "gain")}}
+        print(f"rank correlation with crops of {other.images}: drop {stability['spearman_drop']:.2f}, "
+              f"gain {stability['spearman_gain']:.2f}")
     out = Path(f"{args.output}_{name}")
     write_report(report, out, _command(), choices)
     print(report)
@@ -81,8 +90,18 @@ def run_one(args: argparse.Namespace) -> dict:
         "fp": report.fp_psnr, "converted": report.converted_psnr,
         "sum_drops": sum(s.drop for s in report.layers if math.isfinite(s.drop)),
         "bicubic": report.bicubic_psnr, "mixed": mixed, "load": report.load, "threads": report.threads,
-        "report": str(out),
+        "report": str(out), "stability": stability,
     }
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equally long lists (nan entries dropped pairwise; ties broken by order)."""
+    import numpy as np
+
+    x, y = np.array(a, dtype=float), np.array(b, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    rx, ry = np.argsort(np.argsort(x[keep])), np.argsort(np.argsort(y[keep]))
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def main() -> None:
@@ -95,6 +114,8 @@ def main() -> None:
     p.add_argument("--crops", type=int, default=4)
     p.add_argument("--crop-size", type=int, default=48)
     p.add_argument("--binary-share", type=float, default=0.75)
+    p.add_argument("--compare-images", help="also run on crops of these images and report the rank correlation of "
+                   "the per-layer drops and gains between the two (e.g. ../shared/data/Set14)")
     # One thread: on the shared 2-core machine at load 5-9, two OpenMP threads made a forward pass 20-25x slower
     # (oversubscription), one thread did not (measured 09:30 UTC: EFDN converted, 4 crops of 48x48, 14 s vs 0.9 s).
     p.add_argument("--threads", type=int, default=1)
@@ -157,6 +178,7 @@ def write_summary(args: argparse.Namespace, rows: list[dict]) -> None:
         "share / speed-up / measured dB | PNG |",
         "|" + " --- |" * 12,
     ]
+    stable = [r for r in rows if r["stability"]]
     for r in rows:
         png = Path(r["report"] + ".png").name
         png = f"[{png}]({png})"
@@ -167,6 +189,12 @@ def write_summary(args: argparse.Namespace, rows: list[dict]) -> None:
             f"{r['fp']:.3f} | {r['bicubic']:.3f} | {r['converted']:.3f} | {r['sum_drops']:.3f} | {mixed[0]} | "
             f"{mixed[1]} | {png} |"
         )
+    if stable:
+        lines += ["", f"Stability: the same report on {args.crops} crops of {args.compare_images}; Spearman rank "
+                  "correlation of the per-layer measures between the two crop sets.", "",
+                  "| model | drop | gain | time s (second report) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['model']} | {r['stability']['spearman_drop']:.2f} | {r['stability']['spearman_gain']:.2f} | "
+                  f"{r['stability']['seconds']:.1f} |" for r in stable]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
