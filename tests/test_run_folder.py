@@ -228,3 +228,12 @@ def test_an_unknown_training_setting_is_named(tiny, tmp_path):
     with pytest.raises(FinetuneError, match=r"unknown training setting\(s\) \['lrr'\]"):
         _run(tiny, tmp_path / "run", lrr=1e-3)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_time_budget_used_up_by_reconstruction_is_said_and_validated(tiny, tmp_path):
+    data = DataConfig(train=tiny["train"], val=tiny["val"], batch=2, patch=16, workers=0)
+    run = RunSettings(out=str(tmp_path / "run"), threads=1)
+    result = finetune(tiny["model"], "scales", data, Budget(minutes=0.005), run, progress=False, reconstruct=0.5)
+    assert "no time was left for end-to-end training" in (tmp_path / "run" / "train.log").read_text()
+    assert result.final_val["val"]["psnr"] > 0 and (tmp_path / "run" / "crops.png").is_file()
+    assert (tmp_path / "run" / "final.safetensors").is_file() and not result.interrupted

@@ -2,11 +2,12 @@
 
 The optimizer and schedule come from the recipe's ``train`` section. With a ``steps`` budget the phase gets
 what reconstruction left; with ``minutes`` the step count that fits is measured before step 0 and checked
-once after a few real steps (other jobs may have slowed the machine). After reconstruction the learning rate
-warms up over a tenth of the steps (at least 5): Adam's first full-size steps would undo much of what
-reconstruction reached (one step at lr 1e-3 took Set5 x4 from 28.0 to 24.5 dB). It validates every
-``val_every`` steps, checkpoints every ``save_every`` steps (and every ``save_seconds``) under
-``<run>/checkpoints/`` and writes ``<run>/final.safetensors`` at its end.
+once after a few real steps (other jobs may have slowed the machine); when reconstruction used up the time
+budget, the phase says so and validates the model as it is. After reconstruction the learning rate warms up
+over a tenth of the steps (at least 5): Adam's first full-size steps would undo much of what reconstruction
+reached (one step at lr 1e-3 took Set5 x4 from 28.0 to 24.5 dB). It validates every ``val_every`` steps,
+checkpoints every ``save_every`` steps (and every ``save_seconds``) under ``<run>/checkpoints/`` and writes
+``<run>/final.safetensors`` at its end.
 """
 
 from __future__ import annotations
@@ -198,7 +199,10 @@ class EndToEnd(Phase):
         finally:
             if bar is not None:
                 bar.close()
-        if (out_of_time and step > start and last_val != step) or (total == 0 and not stopped):
+        if out_of_time and step == start == 0:
+            s.log.say("no time was left for end-to-end training (the phases before it used the budget): give more "
+                      "minutes or a smaller reconstruct share")
+        if (out_of_time and last_val != step) or (total == 0 and not stopped):
             s.validate(step)  # the last model, also when reconstruction took the whole budget
         if step > start or stopped:
             self.checkpoint(s, step)
