@@ -132,9 +132,10 @@ def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads:
         load = Path("/proc/loadavg").read_text().split()[:3]
         sessions = {k: ort_session(p, config=NO_SPIN, intra_op_num_threads=t, inter_op_num_threads=1)
                     for k, p in paths.items()}
-        ms = interleaved_medians(sessions, {"x": x}, runs)
+        cpu: dict = {}
+        ms = interleaved_medians(sessions, {"x": x}, runs, cpu)
         del sessions
-        rows.append({"threads": t, "loadavg": " ".join(load), **ms})
+        rows.append({"threads": t, "loadavg": " ".join(load), **ms, "cpu": cpu})
         print(name, rows[-1], flush=True)
     profile = {k: time_by_op(paths[k], x, threads[0]) for k in ("int8", "scales", "scales_int8")}
     return {"rows": rows, "profile": profile, "packed": len(report.packed), "fp": len(report.fp),
@@ -190,6 +191,15 @@ def main(argv: list[str] | None = None) -> None:
             *(f"| {row['threads']} | {row['loadavg']} | {row['fp32']:.1f} | {row['int8']:.1f} | {row['scales']:.1f} |"
               f" {row['scales_int8']:.1f} | {row['fp32'] / row['scales']:.2f}x | {row['int8'] / row['scales']:.2f}x |"
               f" {row['fp32'] / row['scales_int8']:.2f}x | {row['int8'] / row['scales_int8']:.2f}x |"
+              for row in r["rows"]),
+            "",
+            "CPU time per run (ms, all threads of the process; not inflated by waiting for a core, so at 1 thread"
+            " its ratio is the ratio of work):",
+            "",
+            "| threads | FP32 | ORT int8 | SCALES | SCALES + int8 rem. | SCALES + int8 rem. / ORT int8 |",
+            "|---|---|---|---|---|---|",
+            *(f"| {row['threads']} | {row['cpu']['fp32']:.1f} | {row['cpu']['int8']:.1f} | {row['cpu']['scales']:.1f} |"
+              f" {row['cpu']['scales_int8']:.1f} | {row['cpu']['int8'] / row['cpu']['scales_int8']:.2f}x |"
               for row in r["rows"]),
             "",
             "File bytes: " + ", ".join(f"{k} {v:,}" for k, v in r["bytes"].items()) + "  ",

@@ -31,7 +31,7 @@ from basicsr.archs.edsr_arch import EDSR
 from onnx import helper, numpy_helper
 
 import srbinarize
-from srbinarize.export.qdq import WEIGHT_LAYOUTS, export_qdq, fp32_onnx
+from srbinarize.export.qdq import BOUNDARIES, WEIGHT_LAYOUTS, export_qdq, fp32_onnx
 from srbinarize.runtime import cpu_has_vnni
 
 
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layouts", action="store_true", help="one conv in each integer QDQ layout instead of the model")
     ap.add_argument("--weight-layout", default="auto", choices=WEIGHT_LAYOUTS, help="8-bit weight codes (export_qdq)")
     ap.add_argument("--no-ort-int8", action="store_true", help="skip onnxruntime's own quantize_static peer")
+    ap.add_argument("--boundary", default="fp32", choices=BOUNDARIES,
+                    help="int8: Q/DQ at the first conv's input and the last conv's output too (export_qdq)")
     args = ap.parse_args(argv)
     cmd = "python benchmarks/qdq.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# {cmd.strip()}")
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp_path = fp32_onnx(fp, tmp / "fp32.onnx", x)
-        q_path = export_qdq(q, tmp / "qdq.onnx", x, int4=args.int4, weight_layout=args.weight_layout)
+        q_path = export_qdq(q, tmp / "qdq.onnx", x, int4=args.int4, weight_layout=args.weight_layout,
+                            boundary=args.boundary)
         sessions = {"fp32": _session(fp_path, args.threads),
                     "qdq": _session(q_path, args.threads, optimized=tmp / "qdq_opt.onnx")}
         sizes = {"fp32": fp_path.stat().st_size, "qdq": q_path.stat().st_size}
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         med = _timed(sessions, {k: feed for k in sessions}, args.repeats)
     containers = "int4/uint4 for 4-bit codes" if args.int4 else "int8/uint8"
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    print(f"# loadavg before timing: {load}; intra-op spinning off; 8-bit weight layout {args.weight_layout}"
+    print(f"# loadavg before timing: {load}; intra-op spinning off; boundary {args.boundary};"
+          f" 8-bit weight layout {args.weight_layout}"
           f" (this CPU has VNNI: {cpu_has_vnni()})")
     print(f"# onnxruntime {ort.__version__}, FQSR w{args.bits_w}a{args.bits_a}s8 ({containers}) EDSR "
           f"{args.feat}x{args.blocks} x{args.scale}, input 1x3x{args.size}x{args.size}, {args.threads} thread(s), "

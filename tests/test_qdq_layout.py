@@ -1,4 +1,5 @@
-"""The 8-bit weight layout of the FQSR QDQ export: int8 (VNNI) or uint8 + 128 (exact on AVX2 without VNNI)."""
+"""FQSR QDQ export options: the 8-bit weight layout (int8 with VNNI, uint8 + 128 exact on AVX2 without it) and
+int8 boundaries (every conv a QLinearConv)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,26 @@ def test_auto_layout_follows_the_cpu_and_bad_layout_fails(tmp_path):
     assert _weight_types(path) == {np.dtype(np.int8 if cpu_has_vnni() else np.uint8)}
     with pytest.raises(QdqExportError, match="weight_layout='s16'"):
         export_qdq(q, tmp_path / "x.onnx", weight_layout="s16")
+
+
+def test_int8_boundaries_make_every_conv_a_qlinearconv(tmp_path):
+    """boundary="int8": the first conv's input and the last conv's output get Q / DQ too. Tolerance against the
+    FP-boundary export on natural images, relative to the output's range: mean |error| <= 1%, RMS <= 2%."""
+    from test_export import set5_crops
+
+    q = srbinarize.convert(edsr(num_block=1).eval(), "fqsr", bits_w=8)
+    calib = set5_crops((24, 24), n=4)
+    plain = export_qdq(q, tmp_path / "plain.onnx")
+    both = export_qdq(q, tmp_path / "both.onnx", boundary="int8", calibration_data=calib)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    fused = ort.InferenceSession(str(both), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 6 and "Conv" not in ops and "FusedConv" not in ops
+    x = set5_crops((20, 28), n=2).numpy()
+    ref = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    err = np.abs(fused.run(None, {"x": x})[0] - ref)
+    span = float(ref.max() - ref.min())
+    assert 0 < err.mean() <= 0.01 * span and np.sqrt((err**2).mean()) <= 0.02 * span
+    with pytest.raises(QdqExportError, match="boundary='int4'"):
+        export_qdq(q, tmp_path / "x.onnx", boundary="int4")

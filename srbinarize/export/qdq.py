@@ -258,6 +258,97 @@ def to_int4(model: onnx.ModelProto) -> int:
     return count
 
 
+BOUNDARIES = ("fp32", "int8")
+
+
+def _int8_boundaries(proto: onnx.ModelProto, batch: np.ndarray) -> list[str]:
+    """Convs with quantized weights but an FP input or output (FQSR's first and last conv): Q / DQ added on
+    that side (uint8 per tensor, min / max over `batch` run through the graph), the float bias requantized to
+    int32, so that onnxruntime runs them as QLinearConv too. Returns the conv nodes changed."""
+    from .onnx import _activation_qparams
+
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def from_dq(name: str) -> bool:
+        return name in producer and producer[name].op_type == "DequantizeLinear"
+
+    def to_q(name: str) -> bool:
+        users = consumers.get(name, [])
+        return bool(users) and name not in outputs and all(u.op_type == "QuantizeLinear" for u in users)
+
+    targets = [n for n in graph.node if n.op_type == "Conv" and from_dq(n.input[1])
+               and (not from_dq(n.input[0]) or not to_q(n.output[0]))]
+    if not targets:
+        return []
+    tensors = list(dict.fromkeys([t for n in targets for t in
+                                  ([n.input[0]] if not from_dq(n.input[0]) else []) +
+                                  ([n.output[0]] if not to_q(n.output[0]) else [])]))
+    probe = copy.deepcopy(proto)
+    probe.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors
+                              if t not in outputs)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    lo, hi = dict.fromkeys(tensors, np.inf), dict.fromkeys(tensors, -np.inf)
+    for start in range(0, len(batch), 4):
+        values = dict(zip(names, session.run(None, {"x": batch[start:start + 4]}), strict=True))
+        for t in tensors:
+            lo[t], hi[t] = min(lo[t], float(values[t].min())), max(hi[t], float(values[t].max()))
+    del session
+
+    def qdq(tensor: str, source: str, out: str) -> list:
+        scale, zero = _activation_qparams(lo[tensor], hi[tensor])
+        s, z = f"{tensor}.b.scale", f"{tensor}.b.zero"
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s),
+                                  numpy_helper.from_array(np.array(zero, np.uint8), z)])
+        return [helper.make_node("QuantizeLinear", [source, s, z], [f"{tensor}.b.q"], name=f"{tensor}.b.Q"),
+                helper.make_node("DequantizeLinear", [f"{tensor}.b.q", s, z], [out], name=f"{tensor}.b.DQ")]
+
+    done = []
+    for node in targets:
+        before, after = [], []
+        x = node.input[0]
+        if not from_dq(x):
+            before += qdq(x, x, f"{x}.b.dq")
+            node.input[0] = f"{x}.b.dq"
+            if len(node.input) > 2 and node.input[2] and not from_dq(node.input[2]):
+                bias = _constant(graph, node.input[2])
+                w_scale = _constant(graph, producer[node.input[1]].input[1])
+                if bias is None or w_scale is None:
+                    raise QdqExportError(f"{node.name}: bias or weight scale is not a constant")
+                b_scale = (np.float32(_activation_qparams(lo[x], hi[x])[0]) * w_scale.astype(np.float32))
+                b_scale = np.broadcast_to(b_scale, bias.shape).astype(np.float32)
+                name = f"{node.name}.bias"
+                graph.initializer.extend([
+                    numpy_helper.from_array(np.round(bias / b_scale).astype(np.int32), f"{name}.int32"),
+                    numpy_helper.from_array(b_scale, f"{name}.scale"),
+                    numpy_helper.from_array(np.zeros(bias.shape, np.int32), f"{name}.zero")])
+                before.append(helper.make_node("DequantizeLinear", [f"{name}.int32", f"{name}.scale", f"{name}.zero"],
+                                               [f"{name}.dq"], name=f"{name}.DQ", axis=0))
+                node.input[2] = f"{name}.dq"
+        y = node.output[0]
+        if not to_q(y):
+            node.output[0] = f"{y}.b.fp"
+            after += qdq(y, f"{y}.b.fp", y)
+        index = list(graph.node).index(node)
+        for offset, new in enumerate(before):
+            graph.node.insert(index + offset, new)
+        index += len(before) + 1
+        for offset, new in enumerate(after):
+            graph.node.insert(index + offset, new)
+        done.append(node.name)
+    return done
+
+
 def export_qdq(
     model: nn.Module,
     path: str | os.PathLike,
@@ -265,6 +356,8 @@ def export_qdq(
     opset: int = OPSET,
     int4: bool = False,
     weight_layout: str = "auto",
+    boundary: str = "fp32",
+    calibration_data: torch.Tensor | None = None,
 ) -> Path:
     """Write an FQSR-converted ``model`` as QDQ ONNX to ``path`` (atomically); input ``x``, output ``y``.
 
@@ -276,7 +369,14 @@ def export_qdq(
     where the CPU running the file has VNNI (AVX512-VNNI / AVX-VNNI: int32 sums of u8 x s8 products), but
     saturating on AVX2 without it; ``"u8"`` the code + 128 as uint8, exact everywhere and on AVX2 no faster
     than FP32; ``"auto"`` (default) ``"s8"`` if the exporting CPU has VNNI, else ``"u8"``.
+
+    ``boundary="int8"``: the convs FQSR keeps FP on one side (the first conv's input, the last conv's output)
+    get Q / DQ there too, calibrated (min / max) on ``calibration_data`` (default: the conversion's default
+    batch), so that onnxruntime runs every conv as QLinearConv; this adds one rounding at each boundary that
+    the FQSR model does not have (tolerance in the README, Deploy). Default ``"fp32"``: the model as trained.
     """
+    if boundary not in BOUNDARIES:
+        raise QdqExportError(f"boundary={boundary!r}: expected one of {BOUNDARIES}")
     if weight_layout not in WEIGHT_LAYOUTS:
         raise QdqExportError(f"weight_layout={weight_layout!r}: expected one of {WEIGHT_LAYOUTS}")
     s8 = weight_layout == "s8" or (weight_layout == "auto" and cpu_has_vnni())
@@ -299,6 +399,16 @@ def export_qdq(
                 work, (example_input,), tmp, dynamo=False, opset_version=opset, input_names=["x"],
                 output_names=["y"], dynamic_axes={"x": axes, "y": axes},
             )
+        if boundary == "int8":
+            from .onnx import OnnxExportError, _calibration_batch
+
+            try:
+                batch = _calibration_batch(model, example_input, calibration_data)
+            except OnnxExportError as err:
+                raise QdqExportError(str(err)) from None
+            graph = onnx.load(tmp)
+            _int8_boundaries(graph, batch)
+            onnx.save(graph, tmp)
         if int4:
             graph = onnx.load(tmp)
             if not to_int4(graph):
@@ -340,5 +450,6 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "WEIGHT_LAYOUTS", "QdqExportError", "deployed_forward", "deployed_output", "export_qdq", "fp32_onnx", "to_int4"
+    "BOUNDARIES", "WEIGHT_LAYOUTS", "QdqExportError", "deployed_forward", "deployed_output", "export_qdq", "fp32_onnx",
+    "to_int4",
 ]
