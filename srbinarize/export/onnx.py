@@ -578,6 +578,11 @@ def _finish(model: onnx.ModelProto) -> list[str]:
     for const in dead:
         graph.node.remove(const)
     fused = _fuse_epilogues(graph)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for const in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(const)  # the factors of folded Muls by 1
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
     _compact_names(graph)
     return fused
 
