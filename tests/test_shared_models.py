@@ -8,6 +8,8 @@ OPs reduction, and the input range found by probing.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import shared_zoo
 import torch
@@ -134,3 +136,22 @@ def test_input_range_is_detected(name):
     found, message = detect_input_range(fp_model(name), name)
     assert found == shared_zoo.entry(name)["input_range"]
     assert message.startswith(f"{name}: input range [0, {found:g}] detected")
+
+
+@pytest.mark.skipif(not shared_zoo.available("team03_fmen"), reason="../shared/models/team03_fmen absent")
+def test_finetune_evaluates_a_255_model_in_its_detected_range(tmp_path, monkeypatch):
+    """FMEN takes [0, 255]: finetune detects it (nothing given) and its FP teacher scores the published PSNR."""
+    from srbinarize.train.config import Budget, DataConfig, ModelConfig, RunSettings
+
+    e = shared_zoo.entry("team03_fmen")
+    folder = shared_zoo.ROOT / e["folder"]
+    data = shared_zoo.ROOT.parent / "data"
+    monkeypatch.syspath_prepend(str(folder))
+    run = srbinarize.finetune(
+        ModelConfig(str(folder / e["weights"]), arch=e["import"]), "scales",
+        DataConfig(train=[str(data / "BSD100")], val=[str(data / "Set5")], batch=2, patch=16, workers=0),
+        Budget(steps=1), RunSettings(out=str(tmp_path / "run"), threads=1), progress=False, reconstruct=0.0)
+    assert abs(run.baselines["Set5"]["FP teacher"] - e["psnr_y"]["Set5"]) <= 0.05
+    assert "input range [0, 255] detected" in (tmp_path / "run" / "train.log").read_text()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["input_range"] == 255.0

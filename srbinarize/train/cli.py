@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import UsageError
+
 DEFAULT_DATA_ROOT = "../shared/data"
 
 
@@ -27,7 +29,7 @@ def key_values(pairs: list[str], what: str) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"{what} expects KEY=VALUE, got '{pair}'")
+            raise UsageError(f"{what} expects KEY=VALUE, got '{pair}'")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
@@ -75,7 +77,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.no_distill:
         args.distill_weight = 0.0
     given = {cls: _settings(args, cls) for cls in (ModelConfig, DataConfig, Budget, RunSettings, TrainSpec)}
-    if args.resume:
+    if args.resume:  # --arch may be repeated: it allows the run's own architecture (see srbinarize.cli.main)
+        given[ModelConfig].pop("arch", None)
         extra = sorted(k for values in given.values() for k in values) + (["--set"] if args.set else [])
         if extra:
             raise SystemExit(f"srbinarize finetune: --resume continues with the run's stored settings; leave out "
@@ -117,6 +120,8 @@ def add_finetune(sub) -> None:
     m.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected")
     m.add_argument("--arch-kwargs", help="JSON keyword arguments for --arch")
     m.add_argument("--scale", type=int, help="expected scale (checked against the model)")
+    m.add_argument("--input-range", type=float, metavar="1|255",
+                   help="RGB range the model takes (default: detected by probing it)")
     r = p.add_argument_group("recipe (its train section: the overrides below)")
     r.add_argument("--recipe", default="scales", help="shipped recipe name or a .yaml path (default scales)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -170,7 +175,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     entries = []
     for m in args.models:
-        entries += entries_for(m, args.arch, args.arch_kwargs, args.recipe, args.scale)
+        entries += entries_for(m, args.arch, args.arch_kwargs, args.recipe, args.scale, input_range=args.input_range)
     scale = args.scale
     for e in entries:
         s = model_scale(e.model, model_in_channels(e.model))
@@ -207,6 +212,8 @@ def add_eval(sub) -> None:
     p.add_argument("--json", help="also write the results as JSON")
     p.add_argument("--arch")
     p.add_argument("--arch-kwargs", default=None)
+    p.add_argument("--input-range", type=float, metavar="1|255",
+                   help="RGB range of the pretrained checkpoints (default: detected by probing them)")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import SrbinarizeError
+from ..models.input_range import check_input_range
 from ..recipe import Recipe, RecipeError, recipe_from_dict
 
 CONFIG_FILE = "config.json"
@@ -71,6 +72,7 @@ class ModelConfig:
     arch: str | None = None  # package.module:Class when the architecture cannot be detected
     arch_kwargs: dict[str, Any] | None = None
     scale: int | None = None
+    input_range: float | None = None  # 1 or 255; None: detected by probing the model (then recorded here)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
@@ -83,6 +85,8 @@ class ModelConfig:
         if self.arch_kwargs is not None and not isinstance(self.arch_kwargs, dict):
             raise FinetuneError(f"--arch-kwargs must be a JSON object, got {self.arch_kwargs!r}")
         _int(self.scale, "scale", 1, optional=True)
+        if self.input_range is not None:
+            object.__setattr__(self, "input_range", check_input_range(self.input_range, "--input-range"))
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,14 @@ def _file_extra(path: Path) -> dict[str, Any]:
 
 
 def entries_for(source: str, arch: str | None = None, arch_kwargs: Any = None, recipe: str | None = None,
-                scale: int | None = None, include_best: bool = True) -> list[Entry]:
-    """The table rows one MODEL argument stands for (a run: also its best-on-validation model if it differs)."""
+                scale: int | None = None, include_best: bool = True, input_range: float | None = None
+                ) -> list[Entry]:
+    """The table rows one MODEL argument stands for (a run: also its best-on-validation model if it differs).
+
+    A pretrained checkpoint is evaluated in its ``input_range`` (1 or 255; None: detected by probing it).
+    """
     from ..checkpoint import load_model
-    from ..models.load import load_pretrained
+    from ..models.input_range import load_pretrained_in_range
 
     path = Path(source)
     if path.is_dir():
@@ -74,7 +78,8 @@ def entries_for(source: str, arch: str | None = None, arch_kwargs: Any = None, r
         return rows
     if _is_srbinarize_file(path):
         return [Entry(path.stem, load_model(path))]
-    model, _ = load_pretrained(source, arch=arch, arch_kwargs=arch_kwargs, scale=scale)
+    model, _, message = load_pretrained_in_range(source, input_range, arch=arch, arch_kwargs=arch_kwargs, scale=scale)
+    print(message)
     rows = [Entry(f"FP {Path(source).stem if not source.startswith('zoo:') else source}", model)]
     if recipe:
         from ..convert import convert

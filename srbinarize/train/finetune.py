@@ -40,6 +40,7 @@ from torch import nn
 
 from ..checkpoint import load_model, read_metadata
 from ..convert import convert
+from ..models.input_range import resolve_input_range
 from ..models.load import load_pretrained, model_in_channels, model_scale
 from ..models.spec import ModelSpec
 from ..recipe import Recipe, RecipeError, TrainSpec, load_recipe
@@ -94,7 +95,7 @@ def finetune(
     run_dir = Path(cfg.run.out)
     check_new_run_folder(run_dir)
     _set_threads(cfg)
-    teacher, spec = _load_teacher(cfg, module)
+    teacher, spec, range_note = _load_teacher(cfg, module)
     dataset, val_sets = _data(cfg)
     torch.manual_seed(cfg.run.seed)
     cal = calibration_batch(cfg.data.train, cfg.model.scale, cfg.recipe, cfg.run.seed, cfg.data.train_lr)
@@ -117,6 +118,7 @@ def finetune(
     s.add_baseline("FP teacher", s.teacher)
     s.log.say(f"run {run_dir}: {cfg.model.source} x{cfg.model.scale}, recipe {cfg.recipe.name}, "
               f"{len(dataset.hr)} training images, val {[es.name for es in val_sets]}; {hardware()}")
+    s.log.say(range_note)
     s.log.truncate_after(0)
     t_val = time.time()
     s.add_baseline("converted", s.student)
@@ -150,7 +152,7 @@ def _resume(run_dir: Path, progress: bool, call_limit: int | None, started: floa
     if (run_dir / FINAL).is_file() and (run_dir / SUMMARY_FILE).is_file():
         return _finished(run_dir, started)
     _set_threads(cfg)
-    teacher = load_model(run_dir / TEACHER, allow=[cfg.model.arch] if cfg.model.arch else [])
+    teacher = load_model(run_dir / TEACHER)  # config.json is data: its --arch is not an allowance
     spec = ModelSpec.from_json(read_metadata(run_dir / TEACHER)["model"])
     dataset, val_sets = _data(cfg)
     s = Session(cfg, run_dir, _frozen(teacher, cfg), spec, dataset, val_sets, fresh=False, progress=progress,
@@ -161,7 +163,7 @@ def _resume(run_dir: Path, progress: bool, call_limit: int | None, started: floa
         clean_temporaries(phase.root(run_dir))
     student_file = next((f for f in (p.resume_from(s) for p in reversed(phases)) if f is not None),
                         run_dir / CONVERTED)
-    s.student = load_model(student_file, allow=[cfg.model.arch] if cfg.model.arch else []).to(s.device).train()
+    s.student = load_model(student_file).to(s.device).train()
     return _run_phases(s, phases)
 
 
@@ -202,13 +204,16 @@ def _set_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.run.threads)
 
 
-def _load_teacher(cfg: RunConfig, module: nn.Module | None) -> tuple[nn.Module, ModelSpec]:
-    """The FP teacher and its spec; fixes ``cfg.model.scale`` to the measured scale (checked if given)."""
+def _load_teacher(cfg: RunConfig, module: nn.Module | None) -> tuple[nn.Module, ModelSpec, str]:
+    """The FP teacher as a [0, 1] model, its spec and the sentence saying which input range it takes; fixes
+    ``cfg.model.scale`` and ``cfg.model.input_range`` to what was measured (checked where given)."""
     m = cfg.model
     if module is not None:
         teacher, spec = copy.deepcopy(module).float().eval(), ModelSpec(NO_SPEC, {})
     else:
         teacher, spec = load_pretrained(m.source, arch=m.arch, arch_kwargs=m.arch_kwargs, scale=m.scale)
+    teacher, input_range, range_note = resolve_input_range(teacher, m.input_range, name=m.source)
+    spec = dataclasses.replace(spec, input_range=input_range)
     measured = model_scale(teacher, model_in_channels(teacher))
     if m.scale is not None and m.scale != measured:
         raise FinetuneError(f"the model is x{measured}, but scale {m.scale} was given")
@@ -216,8 +221,8 @@ def _load_teacher(cfg: RunConfig, module: nn.Module | None) -> tuple[nn.Module, 
     if cfg.data.patch % window:
         raise FinetuneError(f"the model works on windows of {window} pixels: the LR patch ({cfg.data.patch}) must "
                             f"be a multiple of {window}")
-    cfg.model = dataclasses.replace(m, scale=measured)
-    return teacher, spec
+    cfg.model = dataclasses.replace(m, scale=measured, input_range=input_range)
+    return teacher, spec, range_note
 
 
 def _data(cfg: RunConfig) -> tuple[TrainPatches, list[EvalSet]]:

@@ -7,8 +7,9 @@
 ``f_S`` / ``f_T`` are the outputs of each converted layer of the student and of the FP layer with the same
 module name in the teacher (both models keep the original module names), normalised by the teacher
 feature's mean magnitude so that layers of any scale weigh alike. Extra losses are looked up by name in
-`EXTRA_LOSSES` (``sqcl``: FQSR's quantization calibration loss) or given as ``package.module:function``;
-each takes the model right after its training forward and returns a scalar.
+`EXTRA_LOSSES` (``sqcl``: FQSR's quantization calibration loss); each takes the model right after its
+training forward and returns a scalar. A recipe or run folder names a loss, it never names code: a new
+loss is registered from Python (`register_extra_loss`) before the run.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ from torch import nn
 
 from ..errors import SrbinarizeError
 
-# name -> "module:function"; the function gets the student model after its forward pass.
-EXTRA_LOSSES: dict[str, str] = {
+# name -> the function (or "module:function" of this package, imported when used); it gets the student
+# model after its forward pass.
+EXTRA_LOSSES: dict[str, str | Callable[[nn.Module], torch.Tensor]] = {
     "sqcl": "srbinarize.layers.fqsr:sqcl_loss",
 }
+
+
+def register_extra_loss(name: str, loss: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Make ``name`` usable in ``train.extra_losses`` (recipes, ``--extra-loss``) for this process."""
+    EXTRA_LOSSES[name] = loss
 
 
 class LossError(SrbinarizeError):
@@ -34,14 +41,15 @@ class LossError(SrbinarizeError):
 
 
 def resolve_extra_loss(name: str) -> Callable[[nn.Module], torch.Tensor]:
-    target = EXTRA_LOSSES.get(name, name)
+    """The registered loss ``name``; anything else is refused (nothing named by a file is imported)."""
+    target = EXTRA_LOSSES.get(name)
+    if target is None:
+        raise LossError(f"unknown extra loss '{name}': known {sorted(EXTRA_LOSSES)} (register others from Python "
+                        "with srbinarize.train.losses.register_extra_loss)")
+    if callable(target):
+        return target
     module_name, _, func_name = target.partition(":")
-    if not func_name:
-        raise LossError(f"unknown extra loss '{name}': known {sorted(EXTRA_LOSSES)}, or give 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as err:
-        raise LossError(f"extra loss '{name}' -> {target}: {err}") from None
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 class FeatureTap:
