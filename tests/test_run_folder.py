@@ -234,6 +234,9 @@ def test_a_time_budget_used_up_by_reconstruction_is_said_and_validated(tiny, tmp
     data = DataConfig(train=tiny["train"], val=tiny["val"], batch=2, patch=16, workers=0)
     run = RunSettings(out=str(tmp_path / "run"), threads=1)
     result = finetune(tiny["model"], "scales", data, Budget(minutes=0.005), run, progress=False, reconstruct=0.5)
-    assert "no time was left for end-to-end training" in (tmp_path / "run" / "train.log").read_text()
+    # Either reconstruction ran out the clock (and the log says end-to-end got nothing), or end-to-end still got
+    # its minimum share: never zero end-to-end steps in silence. Which one depends on the machine's speed.
+    said = "no time was left for end-to-end training" in (tmp_path / "run" / "train.log").read_text()
+    assert said or result.step >= 1
     assert result.final_val["val"]["psnr"] > 0 and (tmp_path / "run" / "crops.png").is_file()
     assert (tmp_path / "run" / "final.safetensors").is_file() and not result.interrupted
