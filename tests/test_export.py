@@ -254,18 +254,21 @@ def test_int8_remainder_bad_arguments(tmp_path):
 
 
 def test_residual_add_and_relu_fold_into_the_binary_ops(tmp_path):
-    """EDSR blocks: conv1 -> ReLU and identity + conv2 become the ops' relu / residual; output unchanged."""
+    """EDSR blocks: conv1 -> ReLU and identity + conv2 become the ops' relu / residual, and the global mean a
+    channel vector takes of a binary conv's output its channel_mean output; output unchanged."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2), "scales").eval())
     path = tmp_path / "m.onnx"
     report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
     assert report.fused == ["body.0.conv1: + relu", "body.0.conv2: + residual", "body.1.conv1: + relu",
-                            "body.1.conv2: + residual", "conv_after_body: + residual"]
+                            "body.1.conv2: + residual", "conv_after_body: + residual",
+                            *(f"body.{b}.conv{c}: + channel_mean" for b in (0, 1) for c in (1, 2))]
     nodes = {n.name: n for n in binary_nodes(path)}
     relu = {name for name, n in nodes.items() if any(a.name == "relu" and a.i == 1 for a in n.attribute)}
     assert relu == {"body.0.conv1", "body.1.conv1"}
     assert {name for name, n in nodes.items() if len(n.input) > 7 and n.input[7]} == {
         "body.0.conv2", "body.1.conv2", "conv_after_body"}
-    assert "Relu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Relu" not in ops and ops.count("ReduceMean") == 1  # the first binary conv reads conv_first's output
     check_parity(model, path)
 
 

@@ -215,6 +215,24 @@ def test_conv_fused_spatial_map(path, c, o, hw):
         ort_session(both).run(None, {"X": x, "spatial": np.ones((n, 1, *hw), np.float32)})
 
 
+@pytest.mark.parametrize(("c", "o", "n", "hw"), [(24, 24, 2, (9, 13)), (64, 64, 1, (40, 67)), (70, 5, 3, (4, 33))])
+def test_conv_channel_mean_output(path, c, o, n, hw):
+    """The optional second output: the mean over H x W of every output channel, the same at 1 and 2 threads."""
+    rng = np.random.default_rng(c + n)
+    x = rng.standard_normal((n, c, *hw)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (o, c, 3, 3))
+    scale = rng.uniform(0.01, 0.1, o).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(3, 3), in_channels=c, relu=1,
+                       channel_mean=True)
+    y, mean = ort_session(model).run(None, {"X": x})
+    np.testing.assert_allclose(mean, y.astype(np.float64).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    y2, mean2 = ort_session(model, intra_op_num_threads=2).run(None, {"X": x})
+    np.testing.assert_array_equal(mean2, mean)
+    np.testing.assert_array_equal(y2, y)
+
+
 def test_conv_optional_inputs_by_empty_name_and_graph_input_weight(path):
     rng = np.random.default_rng(3)
     c, o, k = 10, 6, 3

@@ -130,6 +130,10 @@ inline void row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __
   if (a.relu) t = _mm512_max_ps(_mm512_setzero_ps(), t);  // NaN stays NaN (max returns its second operand)
   if (a.slope)
     t = _mm512_mask_mul_ps(t, _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ), t, _mm512_set1_ps(a.slope[o]));
+  if (a.channel_sums) {
+    float* sums = a.channel_sums + o * 16;
+    _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), _mm512_maskz_mov_ps(m, t)));
+  }
   float* out = a.y + o * a.plane + p;
   if (m == 0xffff && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
     _mm512_stream_ps(out, t);  // the output is not read back here: no read-for-ownership of its lines

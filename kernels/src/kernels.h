@@ -82,6 +82,9 @@ struct ConvRow {
   const float* spatial_sum;
   float spatial_bias;
   float* spatial_row;
+  // When set: channel_sums[o * 16 + lane] += the outputs of channel o (lane = pixel % 16), for the
+  // op's optional channel_mean output.
+  float* channel_sums;
 };
 
 struct Kernels {

@@ -235,6 +235,17 @@ const Kernels& SelectOrFail(const Node& node) {
 // BinaryConv2d
 // ------------------------------------------------------------------------------------------------
 
+// channel_mean[n, o] = (sum over image n's bands, in order, of band_sums[band][o]) / plane.
+void ReduceBandSums(const std::vector<double>& band_sums, int64_t images, int64_t bands_per_image, int64_t O,
+                    int64_t plane, float* channel_mean) {
+  for (int64_t n = 0; n < images; ++n)
+    for (int64_t o = 0; o < O; ++o) {
+      double sum = 0;
+      for (int64_t b = 0; b < bands_per_image; ++b) sum += band_sums[(n * bands_per_image + b) * O + o];
+      channel_mean[n * O + o] = float(sum / double(plane));
+    }
+}
+
 class ConvKernel {
  public:
   explicit ConvKernel(const OrtKernelInfo* raw_info) {
@@ -290,6 +301,7 @@ class ConvKernel {
     const float *scale, *bias, *spatial, *channel, *residual, *slope, *spatial_weight;
     float spatial_bias;
     float* y;
+    float* channel_mean;
     int n, h, w;
   };
   void ComputeRows(const Ort::KernelContext& ctx, const Args& a) const;
@@ -335,7 +347,14 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   if (chan.data) node_.Expect(chan, "channel_scale", {n_images, O}, "float32 [N, O]");
 
   float* y = ctx.GetOutput(0, {n_images, O, h_in, w_in}).GetTensorMutableData<float>();
-  if (n_images * h_in * w_in == 0) return;
+  // Optional output channel_mean [N, O]: the mean over H x W of each output channel (for a SCALES channel
+  // vector of the next layer). Per band partial sums, added in band order: independent of the threads.
+  float* channel_mean = ctx.GetOutputCount() > 1 ? ctx.GetOutput(1, {n_images, O}).GetTensorMutableData<float>()
+                                                 : nullptr;
+  if (n_images * h_in * w_in == 0) {
+    if (channel_mean) std::fill(channel_mean, channel_mean + n_images * O, std::nanf(""));
+    return;
+  }
   // Without a fused path: the spatial map from spatial_weight / spatial_bias, one pass before the conv.
   std::vector<float> spatial_map;
   const void* spatial_data = spatial.data;
@@ -356,7 +375,7 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
                           wt, static_cast<const float*>(scale.data), static_cast<const float*>(bias.data),
                           static_cast<const float*>(spatial.data), static_cast<const float*>(chan.data),
                           static_cast<const float*>(residual.data), static_cast<const float*>(slope.data), sw, sb,
-                          y, int(n_images), int(h_in), int(w_in)});
+                          y, channel_mean, int(n_images), int(h_in), int(w_in)});
     return;
   }
 
@@ -390,6 +409,7 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   const auto* slope_f = static_cast<const float*>(slope.data);
   const int32_t full = KH * KW * C;
   const EpilogueFn epilogue = SelectEpilogue(spatial_f, chan_f, bias_f, skip_);
+  std::vector<double> band_sums(channel_mean ? bands * O : 0, 0.0);  // [band][O]: for channel_mean
   std::atomic<bool> out_of_memory{false};
 
   auto run_band = [&](size_t b) {
@@ -462,12 +482,18 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
             for (int p = 0; p < np; ++p) out[p] = out[p] < 0.f ? 0.f : out[p];  // NaN stays NaN
           if (slope_f)
             for (int p = 0; p < np; ++p) out[p] = out[p] < 0.f ? out[p] * slope_f[o] : out[p];
+          if (channel_mean) {
+            double sum = 0;
+            for (int p = 0; p < np; ++p) sum += out[p];
+            band_sums[b * O + o] += sum;
+          }
         }
       }
     }
   };
   ParallelFor(ctx, bands, run_band);
   if (out_of_memory) throw std::bad_alloc();
+  if (channel_mean) ReduceBandSums(band_sums, n_images, bands_per_image, O, plane, channel_mean);
 }
 
 // The fused path (Kernels::conv_row): per band of output rows, its input rows are packed once into
@@ -524,13 +550,15 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
   const int band = std::clamp((H + 15) / 16, 4, 64);
   const int bands_per_image = (H + band - 1) / band;
   const size_t bands = size_t(a.n) * bands_per_image;
+  std::vector<double> band_sums(a.channel_mean ? bands * O : 0, 0.0);  // [band][O]: for channel_mean
   std::atomic<bool> out_of_memory{false};
   auto run_band = [&](size_t b) {
     const int n = int(b / bands_per_image);
     const int h0 = int(b % bands_per_image) * band, h1 = std::min(H, h0 + band);
     thread_local std::vector<uint64_t> packed, window;
-    thread_local std::vector<float> sums, spatial_row;
+    thread_local std::vector<float> sums, spatial_row, lane_sums;
     try {
+      lane_sums.assign(a.channel_mean ? size_t(O) * 16 : 0, 0.f);
       packed.assign(size_t(h1 - h0 + 2 * ph) * words * line, 0);
       window.resize(size_t(a.wt.concat_steps) * line);
       if (a.spatial_weight) {
@@ -588,11 +616,18 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       row.spatial_sum = a.spatial_weight ? sums.data() + ptrdiff_t(h - r0) * W : nullptr;
       row.spatial_bias = a.spatial_bias;
       row.spatial_row = spatial_row.data();
+      row.channel_sums = a.channel_mean ? lane_sums.data() : nullptr;
       isa.conv_row(row);
+    }
+    for (int o = 0; o < O && a.channel_mean; ++o) {
+      double sum = 0;
+      for (int lane = 0; lane < 16; ++lane) sum += lane_sums[o * 16 + lane];
+      band_sums[b * O + o] = sum;
     }
   };
   ParallelFor(ctx, bands, run_band);
   if (out_of_memory) throw std::bad_alloc();
+  if (a.channel_mean) ReduceBandSums(band_sums, a.n, bands_per_image, O, plane, a.channel_mean);
 }
 
 struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
@@ -608,8 +643,12 @@ struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
+  // Y, channel_mean?
+  size_t GetOutputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 };
 
 // ------------------------------------------------------------------------------------------------

@@ -521,6 +521,29 @@ def _fuse_epilogues(graph: onnx.GraphProto) -> list[str]:
     return done
 
 
+def _fold_channel_means(graph: onnx.GraphProto) -> list[str]:
+    """A ``ReduceMean`` over H, W (keepdims 0) of a BinaryConv2d's output -- the channel vector of the SCALES
+    layer that reads it -- becomes the op's second output ``channel_mean``: the op sums its outputs while
+    writing them, instead of a pass that reads the map again. Returns "name: + channel_mean" lines."""
+    producers = {n.output[0]: n for n in graph.node if n.domain == DOMAIN and n.op_type == "BinaryConv2d"}
+    outputs = {o.name for o in graph.output}
+    done = []
+    for node in [n for n in graph.node if n.op_type == "ReduceMean" and n.input[0] in producers]:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if list(attrs.get("axes", [])) != [2, 3] or attrs.get("keepdims", 1) != 0 or len(node.input) > 1:
+            continue
+        if node.output[0] in outputs:
+            continue
+        conv = producers[node.input[0]]
+        if len(conv.output) < 2:
+            conv.output.append(f"{conv.name}.channel_mean")
+            done.append(f"{conv.name}: + channel_mean")
+        for user in graph.node:
+            user.input[:] = [conv.output[1] if i == node.output[0] else i for i in user.input]
+        graph.node.remove(node)
+    return done
+
+
 def _set_input(node: onnx.NodeProto, index: int, name: str) -> None:
     names = list(node.input) + [""] * max(0, index + 1 - len(node.input))
     names[index] = name
@@ -578,6 +601,7 @@ def _finish(model: onnx.ModelProto) -> list[str]:
     for const in dead:
         graph.node.remove(const)
     fused = _fuse_epilogues(graph)
+    fused += _fold_channel_means(graph)
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for const in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(const)  # the factors of folded Muls by 1

@@ -16,12 +16,12 @@ OPSET = 17
 IR_VERSION = 10
 
 
-def _model(node: onnx.NodeProto, inputs, initializers: dict, output: onnx.ValueInfoProto) -> bytes:
+def _model(node: onnx.NodeProto, inputs, initializers: dict, output: onnx.ValueInfoProto, *extra_outputs) -> bytes:
     graph = helper.make_graph(
         [node],
         f"{node.op_type}_graph",
         inputs,
-        [output],
+        [output, *extra_outputs],
         [numpy_helper.from_array(np.asarray(v), name) for name, v in initializers.items()],
     )
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
@@ -48,6 +48,7 @@ def conv_model(
     prelu_slope=None,
     spatial_weight=None,
     spatial_bias=None,
+    channel_mean=False,
     weight_input=False,
     x_dtype=np.float32,
     x_shape=None,
@@ -86,8 +87,9 @@ def conv_model(
     while names[-1] == "":
         names.pop()
     attrs = {"kernel_shape": list(kernel_shape), "in_channels": in_channels, "skip": int(skip), **attributes}
-    node = helper.make_node("BinaryConv2d", names, ["Y"], name=name, domain=DOMAIN, **attrs)
-    return _model(node, inputs, init, helper.make_tensor_value_info("Y", TensorProto.FLOAT, None))
+    outputs = ["Y", "channel_mean"] if channel_mean else ["Y"]  # channel_mean: second output [N, O]
+    node = helper.make_node("BinaryConv2d", names, outputs, name=name, domain=DOMAIN, **attrs)
+    return _model(node, inputs, init, *(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs))
 
 
 def linear_model(
