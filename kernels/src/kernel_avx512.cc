@@ -114,7 +114,8 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
 
 // 16 output values of channel o from two 8-pixel count vectors, in the op's fp32 order; lanes from
 // pixel p + rem on are neither loaded nor stored.
-inline void row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1) {
+// Returns the values written (0 in lanes not written), for ConvRow::channel_sums.
+inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1) {
   const __mmask16 m = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
   const __m512i counts = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)),
                                             _mm512_cvtepi64_epi32(c1), 1);
@@ -130,16 +131,13 @@ inline void row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __
   if (a.relu) t = _mm512_max_ps(_mm512_setzero_ps(), t);  // NaN stays NaN (max returns its second operand)
   if (a.slope)
     t = _mm512_mask_mul_ps(t, _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ), t, _mm512_set1_ps(a.slope[o]));
-  if (a.channel_sums) {
-    float* sums = a.channel_sums + o * 16;
-    _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), _mm512_maskz_mov_ps(m, t)));
-  }
   float* out = a.y + o * a.plane + p;
   if (m == 0xffff && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
     _mm512_stream_ps(out, t);  // the output is not read back here: no read-for-ownership of its lines
   } else {
     _mm512_mask_storeu_ps(out, m, t);
   }
+  return _mm512_maskz_mov_ps(m, t);
 }
 
 // 8 * V pixels from p x 4 output channels at a time: per step V input vectors and 4 broadcast weight
@@ -169,8 +167,16 @@ inline void row_tile(const ConvRow& a, int p, int np) {
 #pragma GCC unroll 4
     for (int oc = 0; oc < 4; ++oc) {
       if (o0 + oc >= a.out_channels) break;
+      __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 2
-      for (int v = 0; v < V; v += 2) row_epilogue(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1]);
+      for (int v = 0; v < V; v += 2) {
+        const __m512 t = row_epilogue(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1]);
+        if (a.channel_sums) sum = _mm512_add_ps(sum, t);
+      }
+      if (a.channel_sums) {
+        float* sums = a.channel_sums + (o0 + oc) * 16;
+        _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), sum));
+      }
     }
   }
 }
