@@ -116,16 +116,17 @@ def efdn() -> tuple[torch.nn.Module, int, int, str] | None:
 
 
 def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads: list[int], runs: int,
-              tmp: Path) -> dict:
+              tmp: Path, fold: bool | None = None) -> dict:
     calib = torch.from_numpy(patches(scale, 8, 48, seed=1))
     binary = srbinarize.convert(model, "scales", calibration_data=calib)
     x = patches(1, 1, size, seed=2)  # a natural image of the timed size
     example = torch.rand(1, 3, 32, 32)
     paths = {"fp32": fp32_onnx(model, tmp / f"{name}_fp32.onnx", example)}
     paths["int8"] = ort_int8(paths["fp32"], tmp / f"{name}_int8.onnx", patches(scale, 8, 64, seed=3))
-    report = export_onnx(binary, tmp / f"{name}_scales.onnx", example)
+    report = export_onnx(binary, tmp / f"{name}_scales.onnx", example, fold=fold)
     paths["scales"] = report.path
-    mixed = export_onnx(binary, tmp / f"{name}_scales_int8.onnx", example, remainder="int8", calibration_data=calib)
+    mixed = export_onnx(binary, tmp / f"{name}_scales_int8.onnx", example, remainder="int8", calibration_data=calib,
+                        fold=fold)
     paths["scales_int8"] = mixed.path
     rows = []
     for t in threads:
@@ -139,7 +140,7 @@ def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads:
         print(name, rows[-1], flush=True)
     profile = {k: time_by_op(paths[k], x, threads[0]) for k in ("int8", "scales", "scales_int8")}
     return {"rows": rows, "profile": profile, "packed": len(report.packed), "fp": len(report.fp),
-            "int8_remainder": mixed.int8,
+            "int8_remainder": mixed.int8, "folded": len(report.fused),
             "bytes": {k: p.stat().st_size for k, p in paths.items()}}
 
 
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed runs per model (median reported)")
     parser.add_argument("--models", nargs="+", choices=("edsr", "efdn"), default=["edsr", "efdn"])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--fold", choices=("auto", "on", "off"), default="auto",
+                        help="export_onnx(fold=...): auto = whether this CPU runs the fused AVX-512 kernel")
     args = parser.parse_args(argv)
     if args.runs < 5:
         raise SystemExit("--runs must be at least 5")
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             model, scale, size, title = case
             titles[name] = f"{title}; input 1x3x{size}x{size}"
-            results[name] = run_model(name, model, scale, size, args.threads, args.runs, Path(tmp))
+            fold = {"auto": None, "on": True, "off": False}[args.fold]
+            results[name] = run_model(name, model, scale, size, args.threads, args.runs, Path(tmp), fold)
 
     import onnxruntime
 
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         lines += [
             f"## {titles[name]}",
             "",
-            f"SCALES export: {r['packed']} binary ops, {r['fp']} entries kept FP; SCALES + int8 remainder"
+            f"SCALES export: {r['packed']} binary ops, {r['fp']} entries kept FP, {r['folded']} ops folded into them;"
+            " SCALES + int8 remainder"
             f" (`remainder=\"int8\"`): {', '.join(r['int8_remainder']) or 'none'} as int8 QDQ.",
             "",
             "| threads | loadavg | FP32 ms | ORT int8 ms | SCALES ms | SCALES + int8 rem. ms | SCALES / FP32 |"

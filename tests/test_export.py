@@ -75,12 +75,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_scales_parity_at_two_sizes(case, tmp_path):
+def test_scales_parity_at_two_sizes(case, fold, tmp_path):
     factory, overrides = CASES[case]
     model = with_active_branches(srbinarize.convert(factory(num_block=2), "scales", **overrides).eval())
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=fold)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ScalesConv2d)}
     nodes = {n.name: n for n in binary_nodes(path)}
     assert set(nodes) == set(layers) and len(report.packed) == len(layers) > 0
@@ -88,7 +89,7 @@ def test_scales_parity_at_two_sizes(case, tmp_path):
         layer = layers[name]
         inputs = list(node.input) + [""] * (11 - len(node.input))
         # the spatial map: computed by standard ops (input 5), or a 1x1 conv C->1 inside the op (inputs 9, 10)
-        inside = layer.spatial is not None and layer.spatial.kernel_size == (1, 1)
+        inside = fold and layer.spatial is not None and layer.spatial.kernel_size == (1, 1)
         assert bool(inputs[5]) == (layer.spatial is not None and not inside) and bool(inputs[9]) == inside
         assert bool(inputs[6]) == (layer.channel is not None)
         skip = next(a.i for a in node.attribute if a.name == "skip")
@@ -258,7 +259,7 @@ def test_residual_add_and_relu_fold_into_the_binary_ops(tmp_path):
     channel vector takes of a binary conv's output its channel_mean output; output unchanged."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2), "scales").eval())
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True)
     assert report.fused == ["body.0.conv1: + relu", "body.0.conv2: + residual", "body.1.conv1: + relu",
                             "body.1.conv2: + residual", "conv_after_body: + residual",
                             *(f"body.{b}.conv{c}: + channel_mean" for b in (0, 1) for c in (1, 2))]
@@ -277,7 +278,7 @@ def test_efdn_prelu_and_relu_fold_and_match_pytorch(tmp_path):
     """A real lightweight model: its PReLUs after binary convs become the ops' prelu_slope; same output."""
     model = srbinarize.convert(shared_zoo.load("team01_efdn"), "scales").eval()
     path = tmp_path / "efdn.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True)
     assert sum(line.count("+ PRelu") for line in report.fused) == 12
     assert "PRelu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
     slopes = [n for n in binary_nodes(path) if len(n.input) > 8 and n.input[8]]

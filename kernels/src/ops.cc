@@ -235,6 +235,41 @@ const Kernels& SelectOrFail(const Node& node) {
 // BinaryConv2d
 // ------------------------------------------------------------------------------------------------
 
+// s[p] = 1 / (1 + exp(-(s[p] + bias))), exp as in the AVX-512 kernel (2^n e^f, degree-6 polynomial): no
+// library call in the loop, so that the compiler vectorizes it on any path.
+void Sigmoid(float* s, float bias, ptrdiff_t n) {
+  for (ptrdiff_t p = 0; p < n; ++p) {
+    const float x = std::min(88.f, std::max(-88.f, -(s[p] + bias)));  // exp stays finite; sigmoid saturates
+    // round(x / ln 2): the argument is positive, so truncating is flooring
+    const float k = float(int32_t(x * 1.44269504088896341f + 128.5f)) - 128.f;
+    float f = x - k * 0.693145751953125f;
+    f = f - k * 1.42860682030941723212e-6f;
+    float e = 1.f / 720;
+    e = e * f + 1.f / 120;
+    e = e * f + 1.f / 24;
+    e = e * f + 1.f / 6;
+    e = e * f + 0.5f;
+    e = e * f + 1.f;
+    e = e * f + 1.f;
+    const int32_t bits = (int32_t(k) + 127) << 23;  // 2^k, k in [-127, 127]
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    s[p] = 1.f / (1.f + e * scale);
+  }
+}
+
+// Sum of n floats in 8 interleaved float lanes (a loop the compiler vectorizes), added in double.
+double Sum(const float* x, int n) {
+  float lanes[8] = {};
+  int p = 0;
+  for (; p + 8 <= n; p += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += x[p + l];
+  double sum = 0;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  for (; p < n; ++p) sum += x[p];
+  return sum;
+}
+
 // channel_mean[n, o] = (sum over image n's bands, in order, of band_sums[band][o]) / plane.
 void ReduceBandSums(const std::vector<double>& band_sums, int64_t images, int64_t bands_per_image, int64_t O,
                     int64_t plane, float* channel_mean) {
@@ -366,7 +401,7 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
       float* s = spatial_map.data() + n * plane;
       for (int64_t c = 0; c < channels_; ++c)
         for (ptrdiff_t p = 0; p < plane; ++p) s[p] += xf[(n * channels_ + c) * plane + p] * sw[c];
-      for (ptrdiff_t p = 0; p < plane; ++p) s[p] = 1.f / (1.f + std::exp(-(s[p] + sb)));
+      Sigmoid(s, sb, plane);
     }
     spatial_data = spatial_map.data();
   }
@@ -437,9 +472,16 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
       float* y_row = y + n * O * plane + ptrdiff_t(h) * W;
       for (int p0 = 0; p0 < W; p0 += TW) {
         const int np = std::min(TW, W - p0);
-        // Fetch the tile's output lines while the popcounts run: the epilogue then stores to cache.
+        // Fetch the tile's output lines (and the residual's and the skip's it reads) while the popcounts
+        // run: the epilogue then works in cache.
+        const float* res_row = residual_f ? residual_f + n * O * plane + ptrdiff_t(h) * W : nullptr;
+        const float* skip_row = skip_ ? xf + n * C * plane + ptrdiff_t(h) * W : nullptr;
         for (int o = 0; o < O; ++o)
-          for (int p = 0; p < np; p += 16) __builtin_prefetch(y_row + o * plane + p0 + p, 1);
+          for (int p = 0; p < np; p += 16) {
+            __builtin_prefetch(y_row + o * plane + p0 + p, 1);
+            if (res_row) __builtin_prefetch(res_row + o * plane + p0 + p);
+            if (skip_row) __builtin_prefetch(skip_row + o * plane + p0 + p);
+          }
         isa.dot_tile(DotTile{packed.data() + ((h - h0) * Wp + p0) * unit, unit, x_offset.data(), steps, np,
                              wt.packed.data(), int(O), counts.data(), TW, false});
         // Pixels whose window reaches into the padding: valid taps only (see PreparedWeights). The
@@ -483,9 +525,7 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
           if (slope_f)
             for (int p = 0; p < np; ++p) out[p] = out[p] < 0.f ? out[p] * slope_f[o] : out[p];
           if (channel_mean) {
-            double sum = 0;
-            for (int p = 0; p < np; ++p) sum += out[p];
-            band_sums[b * O + o] += sum;
+            band_sums[b * O + o] += Sum(out, np);
           }
         }
       }

@@ -50,7 +50,7 @@ from ..layers.lmb import LmbConv2d, centered
 from ..layers.ma import MaConv2d
 from ..layers.scales import ScalesConv2d, _ScalesBase
 from ..models.input_range import model_input_range
-from ..runtime import DOMAIN, cpu_has_vnni
+from ..runtime import DOMAIN, cpu_has_vnni, kernel_supported
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
 
 OPSET = 17
@@ -256,7 +256,7 @@ def _patch_deployed_conv(name: str, m: QuantLayer, report: ExportReport) -> None
     m.forward = types.MethodType(forward, m)
 
 
-def _deploy(name: str, layer: _ScalesBase) -> _Deployed:
+def _deploy(name: str, layer: _ScalesBase, fold: bool = False) -> _Deployed:
     with torch.no_grad():
         w = layer.binary_weight().float()
         conv = isinstance(layer, ScalesConv2d)
@@ -270,7 +270,7 @@ def _deploy(name: str, layer: _ScalesBase) -> _Deployed:
             bias=None if layer.bias is None else layer.bias.detach().float().clone(),
             skip=layer.use_skip,
             kernel_size=layer.kernel_size if conv else 0,
-            **(_fusable_spatial(layer) if conv else {}),
+            **(_fusable_spatial(layer) if conv and fold else {}),
         )
 
 
@@ -325,7 +325,7 @@ def _describe(dep: _Deployed, layer: _ScalesBase) -> str:
 
 
 @contextlib.contextmanager
-def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> Iterator[None]:
+def deployed_forward(model: nn.Module, report: ExportReport | None = None, fold: bool = False) -> Iterator[None]:
     """Inside: SCALES layers compute (and export as) their deployed form; restored on exit."""
     report = report if report is not None else ExportReport(Path())
     patched = []
@@ -334,7 +334,7 @@ def deployed_forward(model: nn.Module, report: ExportReport | None = None) -> It
         if isinstance(m, _ScalesBase):
             grouped = getattr(m, "groups", 1) > 1  # no grouped binary kernel: +-1 values in a standard Conv
             if m.config.binarize_weights and m.config.binarize_activations and not grouped:
-                m._deployed = _deploy(name, m)
+                m._deployed = _deploy(name, m, fold)
                 m.forward = types.MethodType(_binary_forward, m)
                 report.packed.append(_describe(m._deployed, m))
             else:
@@ -563,7 +563,7 @@ def _move_into_place(graph: onnx.GraphProto, node: onnx.NodeProto, consumer: onn
     return graph.node[index - 1]
 
 
-def _finish(model: onnx.ModelProto) -> list[str]:
+def _finish(model: onnx.ModelProto, fold: bool = False) -> list[str]:
     """Rewrite the srbinarize nodes: optional inputs in their slots, constants as (uint64) initializers."""
     graph = model.graph
     _expand_unpack(graph)
@@ -600,8 +600,7 @@ def _finish(model: onnx.ModelProto) -> list[str]:
         node.input.extend(names)
     for const in dead:
         graph.node.remove(const)
-    fused = _fuse_epilogues(graph)
-    fused += _fold_channel_means(graph)
+    fused = _fuse_epilogues(graph) + _fold_channel_means(graph) if fold else []
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for const in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(const)  # the factors of folded Muls by 1
@@ -725,6 +724,7 @@ def export_onnx(
     remainder: str = "fp32",
     calibration_data: torch.Tensor | None = None,
     remainder_weight_bits: int | None = None,
+    fold: bool | None = None,
 ) -> ExportReport:
     """Write a converted (or FP) ``model`` as ONNX to ``path`` (atomically): 1-bit ops, or QDQ for FQSR.
 
@@ -740,9 +740,19 @@ def export_onnx(
     per output channel. ``remainder_weight_bits`` (default: 8 where the exporting CPU has VNNI, else 7):
     onnxruntime's u8s8 kernels without VNNI (AVX2) add pairs of products in saturating int16, which 7-bit
     weights cannot overflow; pass 7 for an AVX2 target. Tolerance: see the README (Deploy).
+
+    ``fold`` (default: whether the exporting CPU runs the fused AVX-512 kernel): fold a binary conv's only
+    Add / Relu / PRelu / LeakyRelu consumer, its 1x1 spatial map and the next channel vector's global mean
+    into the op (`ExportReport.fused`); same outputs, faster with the AVX-512 kernel, slower with the AVX2
+    and scalar ones (measured, README). Pass it for the CPU that runs the file.
     """
     if remainder not in REMAINDERS:
         raise OnnxExportError(f"remainder={remainder!r}: expected one of {REMAINDERS}")
+    if fold is None:  # the folds pay off with the fused AVX-512 kernel and cost time on the others (measured)
+        try:
+            fold = kernel_supported("avx512")
+        except FileNotFoundError:  # no kernel library built here: export for the portable paths
+            fold = False
     if remainder_weight_bits is None:
         remainder_weight_bits = 8 if cpu_has_vnni() else 7
     if remainder_weight_bits not in (7, 8):
@@ -763,7 +773,7 @@ def export_onnx(
     os.close(fd)
     axes = {0: "batch", 2: "height", 3: "width"}
     try:
-        with deployed_forward(work, report), torch.no_grad(), warnings.catch_warnings():
+        with deployed_forward(work, report, fold), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 work, (example_input,), tmp, dynamo=False, opset_version=opset, input_names=["x"],
@@ -771,7 +781,7 @@ def export_onnx(
                 custom_opsets={DOMAIN: 1} if report.packed else None,
             )
         proto = onnx.load(tmp)
-        report.fused = _finish(proto)
+        report.fused = _finish(proto, fold)
         if remainder == "int8" and report.fp_convs:
             batch = _calibration_batch(model, example_input, calibration_data)
             report.int8 = _remainder_int8(proto, report.fp_convs, batch, remainder_weight_bits)
