@@ -611,9 +611,6 @@ def _finish(model: onnx.ModelProto, fold: bool = False) -> list[str]:
 
 
 REMAINDERS = ("fp32", "int8")
-# onnxruntime's QLinearConv is slower than its FP32 Conv for narrow outputs: EDSR x2's last conv (64->3 at
-# 512x512) took 40.4 ms as QLinearConv and 24.8 ms as Conv (1 thread, onnxruntime profiler). Such convs stay FP.
-_INT8_MIN_OUT_CHANNELS = 16
 
 
 def _activation_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -636,8 +633,7 @@ def _remainder_int8(proto: onnx.ModelProto, names: list[str], batch: np.ndarray,
     inits = {i.name: i for i in graph.initializer}
     wanted = {f"{n}.weight": n for n in names}
     targets = [n for n in graph.node if n.op_type == "Conv" and len(n.input) >= 2 and n.input[1] in wanted
-               and all(a.name != "group" or a.i == 1 for a in n.attribute)
-               and inits[n.input[1]].dims[0] >= _INT8_MIN_OUT_CHANNELS]
+               and all(a.name != "group" or a.i == 1 for a in n.attribute)]
     if not targets:
         return []
     tensors = list(dict.fromkeys([n.input[0] for n in targets] + [n.output[0] for n in targets]))
@@ -738,13 +734,12 @@ def export_onnx(
     The metadata records ``srbinarize.input_range``, the RGB range of the network inside (1 or 255); ``x``
     and ``y`` of the file are in [0, 1] either way (``srbinarize.io_range``), the scaling is in the graph.
 
-    ``remainder="int8"`` writes the plain convs the recipe left FP (head, upsampler, tail, ``keep_fp``) with at
-    least 16 output channels (narrower ones are faster in FP) as int8 QDQ that onnxruntime runs as
-    QLinearConv: activations uint8 per tensor, calibrated (min / max) on ``calibration_data`` (default: the
-    batch `srbinarize.convert` calibrates on by default), weights int8 per output channel.
-    ``remainder_weight_bits`` (default: 8 where the exporting CPU has VNNI, else 7): onnxruntime's u8s8
-    kernels without VNNI (AVX2) add pairs of products in saturating int16, which 7-bit weights cannot
-    overflow; pass 7 for an AVX2 target. Tolerance: see the README (Deploy).
+    ``remainder="int8"`` writes the plain convs the recipe left FP (head, upsampler, tail, ``keep_fp``) as int8
+    QDQ that onnxruntime runs as QLinearConv: activations uint8 per tensor, calibrated (min / max) on
+    ``calibration_data`` (default: the batch `srbinarize.convert` calibrates on by default), weights int8
+    per output channel. ``remainder_weight_bits`` (default: 8 where the exporting CPU has VNNI, else 7):
+    onnxruntime's u8s8 kernels without VNNI (AVX2) add pairs of products in saturating int16, which 7-bit
+    weights cannot overflow; pass 7 for an AVX2 target. Tolerance: see the README (Deploy).
 
     ``fold`` (default: whether the exporting CPU runs the fused AVX-512 kernel): fold a binary conv's only
     Add / Relu / PRelu / LeakyRelu consumer, its 1x1 spatial map and the next channel vector's global mean
