@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -329,6 +330,14 @@ class ConvKernel {
   }
 
   void Compute(OrtKernelContext* context) const;
+  // Per class of rows (the same valid window rows), the integer border correction [O][round_up(W, 32)].
+  struct RowTables {
+    int h = 0, w = 0;
+    std::vector<int> row_class;                 // [H]
+    std::vector<std::pair<int, int>> classes;  // valid window rows [r0, r1) of each class
+    std::vector<int32_t> fix;                   // [classes][O][round_up(W, 32)]
+  };
+  std::shared_ptr<const RowTables> BuildRowTables(const PreparedWeights& wt, int H, int W) const;
   struct Args {
     const float* x;
     const float* threshold;
@@ -348,6 +357,8 @@ class ConvKernel {
   bool relu_ = false;
   bool have_weights_ = false;
   PreparedWeights weights_;
+  mutable std::mutex tables_mutex_;
+  mutable std::shared_ptr<const RowTables> tables_;
 };
 
 void ConvKernel::Compute(OrtKernelContext* context) const {
@@ -536,25 +547,27 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   if (channel_mean) ReduceBandSums(band_sums, n_images, bands_per_image, O, plane, channel_mean);
 }
 
-// The fused path (Kernels::conv_row): per band of output rows, its input rows are packed once into
-// the line layout, then each output row is computed with its epilogue in one pass. Pixels whose window
-// reaches into the zero padding get an integer correction from a per-row-class table (see ConvRow).
-void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const {
-  const Kernels& isa = *isa_;
-  const int C = int(channels_), H = a.h, W = a.w, KH = int(kh_), KW = int(kw_), O = int(a.wt.out_channels);
-  const int ph = KH / 2, pw = KW / 2, words = int(Words(C));
-  const ptrdiff_t plane = ptrdiff_t(H) * W, W32 = (W + 31) / 32 * 32, line = W32 + KW - 1;
+std::shared_ptr<const ConvKernel::RowTables> ConvKernel::BuildRowTables(const PreparedWeights& wt, int H,
+                                                                       int W) const {
+  const int C = int(channels_), KH = int(kh_), KW = int(kw_), O = int(wt.out_channels);
+  const int ph = KH / 2, pw = KW / 2;
+  const ptrdiff_t W32 = (W + 31) / 32 * 32;
   const int32_t full = KH * KW * C;
   // Row classes: rows with the same valid window rows share a correction table [O][W32].
-  std::vector<int> row_class(H);
-  std::vector<std::pair<int, int>> classes;
+  auto t = std::make_shared<RowTables>();
+  t->h = H;
+  t->w = W;
+  std::vector<int>& row_class = t->row_class;
+  row_class.resize(H);
+  std::vector<std::pair<int, int>>& classes = t->classes;
   for (int h = 0; h < H; ++h) {
     const std::pair<int, int> valid{std::max(0, ph - h), std::min(KH, H + ph - h)};
     auto it = std::find(classes.begin(), classes.end(), valid);
     row_class[h] = int(it - classes.begin());
     if (it == classes.end()) classes.push_back(valid);
   }
-  std::vector<int32_t> fix(classes.size() * O * W32, 0);
+  std::vector<int32_t>& fix = t->fix;
+  fix.assign(classes.size() * O * W32, 0);
   for (size_t c = 0; c < classes.size(); ++c) {
     const auto [r0, r1] = classes[c];
     int last = -1;  // the column whose valid taps were computed last: columns in the middle share them
@@ -569,7 +582,7 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       last = w;
       const int32_t missing = full - (r1 - r0) * (c1 - c0) * C;
       for (int o = 0; o < O; ++o) {
-        const int32_t* tap_popcount = a.wt.tap_popcount.data() + o * KH * KW;
+        const int32_t* tap_popcount = wt.tap_popcount.data() + o * KH * KW;
         int32_t pad = 0;
         for (int i = 0; i < KH; ++i)
           for (int j = 0; j < KW; ++j)
@@ -578,6 +591,34 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       }
     }
   }
+  return t;
+}
+
+// The fused path (Kernels::conv_row): per band of output rows, its input rows are packed once into
+// the line layout, then each output row is computed with its epilogue in one pass. Pixels whose window
+// reaches into the zero padding get an integer correction from a per-row-class table (see ConvRow).
+void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const {
+  const Kernels& isa = *isa_;
+  const int C = int(channels_), H = a.h, W = a.w, KH = int(kh_), KW = int(kw_), O = int(a.wt.out_channels);
+  const int ph = KH / 2, pw = KW / 2, words = int(Words(C));
+  const ptrdiff_t plane = ptrdiff_t(H) * W, W32 = (W + 31) / 32 * 32, line = W32 + KW - 1;
+  const int32_t full = KH * KW * C;
+  // The border correction tables, cached for the last image size when the weights are constant.
+  std::shared_ptr<const RowTables> tables;
+  {
+    std::lock_guard<std::mutex> lock(tables_mutex_);
+    if (tables_ && tables_->h == H && tables_->w == W && have_weights_) tables = tables_;
+  }
+  if (!tables) {
+    tables = BuildRowTables(a.wt, H, W);
+    if (have_weights_) {
+      std::lock_guard<std::mutex> lock(tables_mutex_);
+      tables_ = tables;
+    }
+  }
+  const std::vector<int>& row_class = tables->row_class;
+  const std::vector<std::pair<int, int>>& classes = tables->classes;
+  const std::vector<int32_t>& fix = tables->fix;
   std::vector<ptrdiff_t> offset;  // step (i, j, k) of a window, or word s of a concatenated window
   if (a.wt.concat_steps) {
     for (int s = 0; s < a.wt.concat_steps; ++s) offset.push_back(s * line);
