@@ -66,7 +66,7 @@ struct ConvRow {
   ptrdiff_t plane;
   float* y;
   // Software prefetch, spread over the row's tiles: prefetch_rows rows of `width` floats at
-  // prefetch + r * prefetch_stride (the input the caller packs next), or nullptr.
+  // prefetch + r * prefetch_stride (what the next row's epilogue reads: residual or skip), or nullptr.
   const float* prefetch;
   ptrdiff_t prefetch_stride;
   int prefetch_rows;
@@ -82,8 +82,8 @@ struct ConvRow {
   const float* spatial_sum;
   float spatial_bias;
   float* spatial_row;
-  // When set: channel_sums[o * 16 + lane] += the outputs of channel o (lane = pixel % 16), for the
-  // op's optional channel_mean output.
+  // When set: channel_sums[o * 16 + lane] += the outputs of channel o (lane = pixel % 16; once per tile
+  // of 32 pixels), for the op's optional channel_mean output.
   float* channel_sums;
 };
 
