@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import one_line_exit_2
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -237,14 +238,6 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _one_line_exit_2(argv: list[str], capsys, *needles: str) -> str:
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
-
 
 def test_convert_and_export_never_write_onto_their_input(converted, fp_file, tmp_path, capsys):
     conv, fp = tmp_path / "conv.safetensors", tmp_path / "mine.safetensors"
@@ -259,15 +252,15 @@ def test_convert_and_export_never_write_onto_their_input(converted, fp_file, tmp
         spellings = [src, tmp_path / "sub" / ".." / src.name, Path(os.path.relpath(src))]
         spellings.append(tmp_path / ("link.safetensors" if command == "export" else "hard.safetensors"))
         for out in spellings:
-            _one_line_exit_2([command, str(src), "-o", str(out)], capsys, f"-o {out}", "is the input checkpoint",
+            one_line_exit_2([command, str(src), "-o", str(out)], capsys, f"-o {out}", "is the input checkpoint",
                              "would be overwritten")
-        _one_line_exit_2([command, str(src), "-o", str(tmp_path / "sub")], capsys, "is an existing folder")
-        _one_line_exit_2([command, str(src), "-o", str(tmp_path / "plain.txt" / "x.out")], capsys,
+        one_line_exit_2([command, str(src), "-o", str(tmp_path / "sub")], capsys, "is an existing folder")
+        one_line_exit_2([command, str(src), "-o", str(tmp_path / "plain.txt" / "x.out")], capsys,
                          "plain.txt is a file, not a folder")
     recipe = tmp_path / "sub" / "my.yaml"
     recipe.write_text((recipe_dir() / "scales.yaml").read_text())
     before = _tree(tmp_path)
-    _one_line_exit_2(["convert", str(fp), "--recipe", str(recipe), "-o", str(recipe)], capsys, "is the recipe")
+    one_line_exit_2(["convert", str(fp), "--recipe", str(recipe), "-o", str(recipe)], capsys, "is the recipe")
     assert _tree(tmp_path) == before  # nothing changed, nothing left behind
 
 
@@ -275,7 +268,7 @@ def test_convert_and_export_never_write_onto_their_input(converted, fp_file, tmp
 def test_arch_kwargs_must_be_a_json_object(fp_file, tmp_path, capsys, value):
     for argv in (["convert", str(fp_file), "-o", str(tmp_path / "c.safetensors"), "--arch-kwargs", value],
                  ["inspect", str(fp_file), "--arch-kwargs", value]):
-        _one_line_exit_2(argv, capsys, "--arch-kwargs", value, "expected an object")
+        one_line_exit_2(argv, capsys, "--arch-kwargs", value, "expected an object")
     assert not list(tmp_path.iterdir())
 
 
@@ -294,9 +287,9 @@ def test_a_description_of_a_huge_model_is_refused_before_building(converted, tmp
 
 def test_other_bad_command_line_values_are_one_line(converted, tmp_path, capsys):
     for size in (["0", "0"], ["-1", "5"]):
-        _one_line_exit_2(["inspect", str(converted), "--input-size", *size], capsys, "--input-size",
+        one_line_exit_2(["inspect", str(converted), "--input-size", *size], capsys, "--input-size",
                          "expected two positive sizes")
     if Path("/proc/self").is_dir():  # a folder no one can create files in, even root
-        _one_line_exit_2(["export", str(converted), "-o", "/proc/m.onnx"], capsys,
+        one_line_exit_2(["export", str(converted), "-o", "/proc/m.onnx"], capsys,
                          "/proc/m.onnx: cannot write in /proc")
     assert not list(tmp_path.iterdir())

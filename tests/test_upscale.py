@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import one_line_exit_2
 from conftest import DATA, edsr
 from PIL import Image
 
@@ -124,14 +125,6 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _one_line_exit_2(argv: list[str], capsys, *needles: str) -> str:
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
-
 
 def test_16bit_colour_in_gives_16bit_out(exported, tmp_path):
     import cv2
@@ -208,10 +201,10 @@ def test_image_size_limit_and_the_flag_that_raises_it(exported, tmp_path, capsys
     with pytest.raises(ImageError, match=r"bomb\.png is 100000x100000 \(10000\.0 megapixels\), above the limit.*"
                                          r"--max-pixels"):
         upscale_file(path, tmp_path / "bomb.png", tmp_path / "out.png", progress=False)
-    _one_line_exit_2(["upscale", str(path), str(tmp_path / "bomb.png"), str(tmp_path / "out.png")], capsys,
+    one_line_exit_2(["upscale", str(path), str(tmp_path / "bomb.png"), str(tmp_path / "out.png")], capsys,
                      "bomb.png", "above the limit")
     _small().save(tmp_path / "small.png")
-    _one_line_exit_2(["upscale", str(path), str(tmp_path / "small.png"), str(tmp_path / "out.png"),
+    one_line_exit_2(["upscale", str(path), str(tmp_path / "small.png"), str(tmp_path / "out.png"),
                       "--max-pixels", "100"], capsys, "20x14", "--max-pixels")
     assert not (tmp_path / "out.png").exists()
     assert main(["upscale", str(path), str(tmp_path / "small.png"), str(tmp_path / "out.png"),
@@ -248,7 +241,7 @@ def test_a_model_that_is_not_super_resolution_is_refused(tmp_path, capsys):
     for model, message in cases.items():
         with pytest.raises(UpscaleModelError, match=rf"{model.name}: .*{message}"):
             upscale_file(model, tmp_path / "in.png", tmp_path / "out.png", progress=False)
-        _one_line_exit_2(["upscale", str(model), str(tmp_path / "in.png"), str(tmp_path / "out.png")], capsys,
+        one_line_exit_2(["upscale", str(model), str(tmp_path / "in.png"), str(tmp_path / "out.png")], capsys,
                          message, str(model))
     nan = _onnx_model(tmp_path, "nan", [
         helper.make_node("Constant", [], ["z"], value_float=0.0),
@@ -273,9 +266,9 @@ def test_unreadable_onnx_files_are_one_message(exported, tmp_path, capsys):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(UpscaleModelError, match=name.replace(".", r"\.")):
             upscale_file(tmp_path / name, tmp_path / "in.png", tmp_path / "out.png", progress=False)
-        _one_line_exit_2(["upscale", str(tmp_path / name), str(tmp_path / "in.png"), str(tmp_path / "out.png")],
+        one_line_exit_2(["upscale", str(tmp_path / name), str(tmp_path / "in.png"), str(tmp_path / "out.png")],
                          capsys, name)
-    _one_line_exit_2(["upscale", str(tmp_path / "absent.onnx"), str(tmp_path / "in.png"), str(tmp_path / "o.png")],
+    one_line_exit_2(["upscale", str(tmp_path / "absent.onnx"), str(tmp_path / "in.png"), str(tmp_path / "o.png")],
                      capsys, "absent.onnx")
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "o.png").exists()
 
@@ -286,7 +279,7 @@ def test_bad_tiling_values_are_one_message(exported, tmp_path, capsys):
     before = _files(tmp_path)
     for flag, value, needle in (("--overlap", "-1", "overlap must be >= 0"), ("--tile", "-2", "tile must be >= 0"),
                                 ("--threads", "-1", "threads must be >= 0")):
-        _one_line_exit_2(["upscale", str(path), str(tmp_path / "in.png"), str(tmp_path / "out.png"), flag, value],
+        one_line_exit_2(["upscale", str(path), str(tmp_path / "in.png"), str(tmp_path / "out.png"), flag, value],
                          capsys, needle, value)
     assert _files(tmp_path) == before
 
@@ -298,7 +291,7 @@ def test_nan_input_is_refused(exported, tmp_path, capsys):
     Image.fromarray(img, "F").save(tmp_path / "nan.tif")
     with pytest.raises(ImageError, match=r"nan\.tif holds NaN"):
         upscale_file(path, tmp_path / "nan.tif", tmp_path / "out.png", progress=False)
-    _one_line_exit_2(["upscale", str(path), str(tmp_path / "nan.tif"), str(tmp_path / "out.png")], capsys, "NaN")
+    one_line_exit_2(["upscale", str(path), str(tmp_path / "nan.tif"), str(tmp_path / "out.png")], capsys, "NaN")
     with pytest.raises(ImageError, match="NaN or infinite"):
         upscale_array(ort_session(path), np.full((3, 8, 8), np.nan, np.float32))
     assert not (tmp_path / "out.png").exists()
@@ -316,9 +309,9 @@ def test_upscale_never_writes_onto_its_inputs(exported, tmp_path, capsys):
     for out, role in ((tmp_path / "s.png", "input image"), (tmp_path / "sub" / ".." / "s.png", "input image"),
                       (tmp_path / "link.png", "input image"), (tmp_path / "hard.png", "input image"),
                       (model, "model")):
-        _one_line_exit_2(["upscale", str(model), str(tmp_path / "s.png"), str(out)], capsys, str(out), role)
+        one_line_exit_2(["upscale", str(model), str(tmp_path / "s.png"), str(out)], capsys, str(out), role)
         with pytest.raises(UsageError, match="would be overwritten"):
             upscale_file(model, tmp_path / "s.png", out, progress=False)
-    _one_line_exit_2(["upscale", str(model), str(tmp_path / "s.png"), str(tmp_path / "sub")], capsys,
+    one_line_exit_2(["upscale", str(model), str(tmp_path / "s.png"), str(tmp_path / "sub")], capsys,
                      "is an existing folder")
     assert _files(tmp_path) == before and not list(tmp_path.glob(".*.tmp"))
