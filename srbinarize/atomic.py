@@ -24,14 +24,15 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside ``path`` to write; on success it gets mode ``0o666 & ~umask`` and replaces
     ``path`` (an ordinary ``open`` would give the same mode; ``mkstemp`` alone gives 0600). On an error the
-    temporary file is removed and ``path`` is untouched."""
+    temporary file is removed and ``path`` is untouched. ``suffix`` ends the temporary name (writers that
+    pick the format from the extension, like matplotlib's, need the real one)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as err:  # name the file asked for, not the temporary one
         raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
     os.close(fd)
@@ -42,3 +43,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``text`` written to ``path`` through `atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from ..atomic import write_text_atomic
 from ..recipe import Recipe, load_recipe
 from .sensitivity import SensitivityError, SensitivityReport
 
@@ -132,11 +133,6 @@ def write_mixed_recipe(recipe: str | Path | Recipe, choice: MixedChoice, path: s
     data = mixed.to_dict()
     data["name"] = f"{mixed.name}-mixed"
     data["about"] = f"{mixed.about} Mixed precision: {choice.target} by {choice.by}, {len(choice.keep_fp)} layers FP."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"# Written by srbinarize.analysis.write_mixed_recipe: {choice.target}, "
-                   f"{100 * choice.binary_share:.1f}% of the body's MACs binary.\n"
-                   + yaml.safe_dump(data, sort_keys=False, width=110))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, f"# Written by srbinarize.analysis.write_mixed_recipe: {choice.target}, "
+                             f"{100 * choice.binary_share:.1f}% of the body's MACs binary.\n"
+                             + yaml.safe_dump(data, sort_keys=False, width=110))

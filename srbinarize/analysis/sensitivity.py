@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import write_text_atomic
 from ..convert import conversion_info, convert, default_calibration_batch
 from ..errors import SrbinarizeError
 from ..models.input_range import check_input_range, model_input_range, with_input_range
@@ -385,11 +386,7 @@ def write_report(
               "mixed": [asdict(c) for c in choices]}
     paths = []
     for suffix, text in ((".md", md), (".json", json.dumps(record, indent=1))):
-        path = prefix.with_name(prefix.name + suffix)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        paths.append(path)
+        paths.append(write_text_atomic(prefix.with_name(prefix.name + suffix), text))
     paths.append(report.plot(prefix.with_name(prefix.name + ".png")))
     return paths
 

@@ -27,7 +27,6 @@ import contextlib
 import copy
 import os
 import sys
-import tempfile
 import types
 import warnings
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from ..atomic import atomic_output, current_umask
+from ..atomic import atomic_output
 from ..errors import SrbinarizeError
 from ..layers.bam import BamConv2d, _statistic
 from ..layers.base import QuantLayer
@@ -768,11 +767,8 @@ def export_onnx(
     work = copy.deepcopy(model).eval()
     path = Path(path)
     report = ExportReport(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     axes = {0: "batch", 2: "height", 3: "width"}
-    try:
+    with atomic_output(path) as tmp:
         with deployed_forward(work, report, fold), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -789,11 +785,6 @@ def export_onnx(
         _document_range(proto, model)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     report.file_bytes = path.stat().st_size
     return report
 

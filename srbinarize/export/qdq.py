@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 import types
 import warnings
 from collections.abc import Iterator
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
-from ..atomic import current_umask
+from ..atomic import atomic_output
 from ..errors import SrbinarizeError
 from ..layers.fqsr import FqsrConv2d, IntervalQuantizer
 from ..runtime import cpu_has_vnni
@@ -388,11 +387,8 @@ def export_qdq(
             raise QdqExportError("pass example_input=...: the model carries no conversion record")
         example_input = torch.rand(1, info.in_channels, 32, 32)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     axes = {0: "batch", 2: "height", 3: "width"}
-    try:
+    with atomic_output(path) as tmp:
         with deployed_forward(work, s8), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -414,32 +410,19 @@ def export_qdq(
             if not to_int4(graph):
                 raise QdqExportError("int4=True, but no tensor of the model has a code of at most 4 bits")
             onnx.save(graph, tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
 def fp32_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, opset: int = OPSET) -> Path:
     """The FP32 reference export of any model (same names and dynamic axes as `export_qdq`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     axes = {0: "batch", 2: "height", 3: "width"}
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                copy.deepcopy(model).eval(), (example_input,), tmp, dynamo=False, opset_version=opset,
-                input_names=["x"], output_names=["y"], dynamic_axes={"x": axes, "y": axes},
-            )
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            copy.deepcopy(model).eval(), (example_input,), tmp, dynamo=False, opset_version=opset,
+            input_names=["x"], output_names=["y"], dynamic_axes={"x": axes, "y": axes},
+        )
     return path
 
 

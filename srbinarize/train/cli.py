@@ -224,7 +224,8 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
              seed: int = 0, progress: bool = True, batch: int = 16, patch: int = 32, lr: float | None = 1e-3,
              threads: int | None = None) -> str:
     """convert the zoo EDSR -> finetune ``minutes`` -> eval -> ``<out>/report.md``; returns the report."""
-    from .config import Budget, DataConfig, RunConfig, RunSettings, run_exists, write_atomic
+    from ..atomic import write_text_atomic
+    from .config import Budget, DataConfig, RunConfig, RunSettings, run_exists
     from .evaluate import describe_sets, entries_for, evaluate_entries, format_table, load_sets
     from .finetune import finetune
     from .session import hardware
@@ -274,7 +275,7 @@ def run_demo(minutes: float, out: Path, scale: int = 2, recipe: str = "scales", 
         "Pictures: `curves.png` (loss, validation PSNR), `crops.png` (bicubic | FP | binary | HR).",
         "",
     ])
-    write_atomic(out / "report.md", report)
+    write_text_atomic(out / "report.md", report)
     return report
 
 

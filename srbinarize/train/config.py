@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_text_atomic
 from ..errors import SrbinarizeError
 from ..models.input_range import check_input_range
 from ..recipe import Recipe, RecipeError, recipe_from_dict
@@ -33,13 +33,6 @@ FORMAT = "srbinarize.run/2"
 
 class FinetuneError(SrbinarizeError):
     """Settings that cannot make a run (both or neither of steps/minutes, a negative rate, ...)."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it onto ``path`` (the umask applies)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _int(value: Any, name: str, minimum: int, optional: bool = False) -> None:
@@ -189,7 +182,7 @@ class RunConfig:
                 "run": dataclasses.asdict(self.run), "plan": self.plan}
 
     def save(self, run_dir: Path) -> None:
-        write_atomic(run_dir / CONFIG_FILE, json.dumps(self.to_dict(), indent=1))
+        write_text_atomic(run_dir / CONFIG_FILE, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import write_text_atomic
 from .data import EvalSet, hr_folder, list_images
 from .metrics import evaluate_bicubic, evaluate_model
 
@@ -148,10 +149,7 @@ def check_roots(roots: list[str]) -> None:
 def write_report(out: str | Path, markdown: str, record: dict[str, Any]) -> None:
     """``<out>.md`` and ``<out>.json`` of a benchmark (each written under a temporary name, then renamed)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((out.with_suffix(".md"), markdown), (out.with_suffix(".json"), json.dumps(record, indent=1))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
     print(markdown)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")

@@ -5,20 +5,17 @@ Both are written to a temporary name and renamed, like every file of a run folde
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_output
+
 
 def _atomic_png(save, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    try:
+    with atomic_output(path, suffix=".tmp.png") as tmp:  # matplotlib and Pillow read the format off the name
         save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(

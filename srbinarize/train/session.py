@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import write_text_atomic
 from ..checkpoint import save_model
 from ..models.spec import ModelSpec
 from .checkpoints import checkpoint_problem, list_checkpoints, prune, save_checkpoint, set_aside
-from .config import RunConfig, write_atomic
+from .config import RunConfig
 from .data import EvalSet, TrainPatches
 from .metrics import SetResult, bicubic_upscale, evaluate_bicubic, evaluate_model, super_resolve
 from .report import plot_curves, save_crops, textured_window
@@ -67,7 +68,7 @@ class RunLog:
                 continue  # the half-written last line of a killed run
             if rec.get(key, 0) <= step:  # a validation at ``step`` ran before that step's checkpoint
                 keep.append(line)
-        write_atomic(self.metrics_path, "".join(k + "\n" for k in keep))
+        write_text_atomic(self.metrics_path, "".join(k + "\n" for k in keep))
         self.metrics = self.metrics_path.open("a")
 
     def records(self) -> list[dict[str, Any]]:
@@ -157,7 +158,7 @@ class Session:
         save_model(model, self.run_dir / name, self.spec, extra=extra)
 
     def save_baselines(self) -> None:
-        write_atomic(self.run_dir / BASELINES_FILE, json.dumps({"baselines": self.baselines, "t_val": self.t_val}))
+        write_text_atomic(self.run_dir / BASELINES_FILE, json.dumps({"baselines": self.baselines, "t_val": self.t_val}))
 
     def load_baselines(self) -> None:
         stored = json.loads((self.run_dir / BASELINES_FILE).read_text())
@@ -268,7 +269,7 @@ class Session:
             "baselines": self.baselines, "seconds_this_call": round(seconds, 1), "hardware": hardware(),
             "config": self.cfg.to_dict(),
         }
-        write_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+        write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
         if interrupted:
             self.log.say(f"saved step {step}; continue with: srbinarize finetune --resume {self.run_dir}")
         else:
