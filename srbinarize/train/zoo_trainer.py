@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_output
 from ..models.load import load_pretrained
 from ..models.spec import ModelSpec
 from ..models.zoo import edsr_spec, save_fp_model, swinir_spec, zoo_dir
@@ -114,8 +115,8 @@ def train(args: argparse.Namespace, model: torch.nn.Module, out: Path,
     def save(step: int) -> None:
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                  "cpu_s": cpu_used + time.process_time() - cpu0, "wall_s": wall_used + time.time() - wall0}
-        torch.save(state, out / "last.pt.tmp")
-        (out / "last.pt.tmp").replace(ckpt)
+        with atomic_output(ckpt) as tmp:
+            torch.save(state, tmp)
 
     for step in range(start, args.steps):
         lr_img, hr_img = next(loader)
