@@ -23,6 +23,7 @@ from srbinarize.models import load_pretrained, read_state_dict
 from srbinarize.models.spec import ModelSpec
 from srbinarize.models.zoo import save_fp_model
 from srbinarize.recipe import recipe_dir
+from srbinarize.runtime import OnnxModelError
 from srbinarize.train.data import decode_image, read_image
 
 SEED = 14
@@ -143,6 +144,17 @@ def test_onnx_reader_of_upscale(originals, tmp_path):
 
     counts = _fuzz(tmp_path, ".onnx", variants, upscale)
     assert counts["refused"] >= 55 and not out.exists()
+
+
+def test_onnx_reader_of_ort_session(originals, tmp_path):
+    rng = np.random.default_rng(SEED + 4)
+    variants = [b"", *_variants(originals["onnx"], rng, 20, 0, 10)]
+    counts = _fuzz(tmp_path / "a", ".onnx", variants, srbinarize.ort_session)
+    assert counts["refused"] >= 30
+    with pytest.raises(OnnxModelError, match="the model bytes: not a loadable ONNX model"):
+        srbinarize.ort_session(rng.bytes(256))
+    with pytest.raises(OnnxModelError, match=r"absent\.onnx: no such model file"):
+        srbinarize.ort_session(tmp_path / "absent.onnx")
 
 
 def test_the_command_line_over_broken_files(originals, tmp_path, capsys):

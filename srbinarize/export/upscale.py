@@ -70,27 +70,17 @@ class UpscaleModelError(SrbinarizeError):
 
 def _session(model, threads: int = 0):
     """An onnxruntime session for ``model`` (path or bytes), or ``model`` itself when it is one."""
-    from ..runtime import ort_session
+    from ..runtime import OnnxModelError, ort_session
 
     if not isinstance(model, (str, os.PathLike, bytes)):
         return model  # already an InferenceSession
-    name = "the model bytes" if isinstance(model, bytes) else str(model)
-    if not isinstance(model, bytes):
-        path = Path(model)
-        if not path.is_file():
-            raise UpscaleModelError(f"{path}: no such model file" if not path.exists() else f"{path} is not a file")
-        if path.stat().st_size == 0:
-            raise UpscaleModelError(f"{path} is empty (0 bytes); expected an .onnx model")
     options = {"log_severity_level": 3}  # errors only: no notes about unused initializers on the terminal
     if threads:
         options["intra_op_num_threads"] = threads
     try:
         return ort_session(model, **options)
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UpscaleModelError(f"{name}: not a loadable ONNX model ({type(err).__name__}: {msg[:300]})") from None
+    except OnnxModelError as err:
+        raise UpscaleModelError(str(err)) from None
 
 
 def model_channels(session) -> int:

@@ -13,6 +13,7 @@ import functools
 import os
 from pathlib import Path
 
+from srbinarize.errors import SrbinarizeError
 from srbinarize.runtime.packing import pack_conv_weight, pack_linear_weight
 
 __all__ = [
@@ -85,14 +86,26 @@ def kernel_supported(name: str) -> bool:
     return bool(_library(library_path()).srbinarize_kernel_supported(name.encode()))
 
 
+class OnnxModelError(SrbinarizeError):
+    """An .onnx file (or model bytes) that onnxruntime cannot load."""
+
+
 def ort_session(path, providers=None, config=None, **session_options):
     """An ``onnxruntime.InferenceSession`` for `path` (file or serialized model bytes) with the library registered.
 
     Keyword arguments set ``onnxruntime.SessionOptions`` attributes, e.g. ``intra_op_num_threads=2``
     or ``graph_optimization_level=...``; `config` holds session config entries (e.g.
     ``{"session.intra_op.allow_spinning": "0"}``). The kernel path is read from $SRBINARIZE_KERNEL now.
+    A missing, empty or unloadable model is one `OnnxModelError` naming it.
     """
     import onnxruntime as ort
+
+    name = "the model bytes" if isinstance(path, bytes) else str(path)
+    if not isinstance(path, bytes):
+        if not Path(path).is_file():
+            raise OnnxModelError(f"{name}: no such model file" if not Path(path).exists() else f"{name} is not a file")
+        if Path(path).stat().st_size == 0:
+            raise OnnxModelError(f"{name} is empty (0 bytes); expected an .onnx model")
 
     options = ort.SessionOptions()
     for key, value in (config or {}).items():
@@ -103,4 +116,8 @@ def ort_session(path, providers=None, config=None, **session_options):
         setattr(options, name, value)
     options.register_custom_ops_library(str(library_path()))
     source = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OnnxModelError(f"{name}: not a loadable ONNX model ({type(err).__name__}: {msg[:300]})") from None
