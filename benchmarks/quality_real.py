@@ -148,7 +148,7 @@ def int8_psnr(entry: dict[str, Any], threads: int) -> dict[str, float]:
 
 def table(results: dict[str, dict[str, Any]], arms: list[str]) -> tuple[str, dict[str, float]]:
     head = "| model | FP Set5 / Set14 | ORT int8 | " + " | ".join(
-        f"{a}: converted | {a}: final | {a}: steps" for a in arms) + " |"
+        f"{a}: converted | {a}: final | {a}: steps | {a}: load before / after" for a in arms) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     gaps: dict[str, list[float]] = {a: [] for a in arms}
     for name, r in results.items():
@@ -160,7 +160,8 @@ def table(results: dict[str, dict[str, Any]], arms: list[str]) -> tuple[str, dic
         cells = [name, pair(fp), pair(r["int8"])]
         for a in arms:
             arm = r["arms"][a]
-            cells += [pair(arm["converted"]), pair(arm["final"]), str(arm["steps"])]
+            cells += [pair(arm["converted"]), pair(arm["final"]), str(arm["steps"]),
+                      f"{arm['load_before']} / {arm['load_after']}"]
             gaps[a].append(fp["Set5"] - arm["final"]["Set5"])
         lines.append("| " + " | ".join(cells) + " |")
     mean_gap = {a: mean(g) for a, g in gaps.items()}
