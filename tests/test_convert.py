@@ -403,3 +403,15 @@ def test_scales_binarizes_grouped_convs(skip, tmp_path):
         with torch.no_grad():
             want = q(y).numpy()
         assert abs(session.run(None, {"x": y.numpy()})[0] - want).max() <= 1e-4
+
+
+def test_a_model_that_normalises_its_input_takes_either_range_and_gets_0_1():
+    """basicsr's EDSR scales its input by img_range itself: both probes match, [0, 1] is chosen, no warning."""
+    from srbinarize.models import load_pretrained
+    from srbinarize.models.input_range import detect_input_range, resolve_input_range
+
+    model, _ = load_pretrained("zoo:edsr-x2")
+    r, message = detect_input_range(model, "zoo:edsr-x2")
+    assert r == 1.0 and "matches its input fed either range" in message
+    wrapped, r, message = resolve_input_range(model, name="zoo:edsr-x2")
+    assert wrapped is model and not message.startswith("warning")

@@ -111,6 +111,8 @@ def detect_input_range(model: nn.Module, name: str | None = None, x: torch.Tenso
         model.train(was_training)
     seen = ", ".join(f"{e:.4f} fed [0, {r:g}]" for r, e in errors.items())
     best, other = sorted(RANGES, key=lambda r: errors[r])
+    if errors[other] <= MATCH_ERROR:  # it normalises its input itself (basicsr's img_range): either range works
+        return 1.0, f"{name}: input range [0, 1] (its output matches its input fed either range: {seen})"
     if errors[best] > MATCH_ERROR or errors[best] * MARGIN > errors[other]:
         why = "neither" if errors[best] > MATCH_ERROR else "both"
         raise InputRangeError(
