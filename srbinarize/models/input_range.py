@@ -111,16 +111,16 @@ def detect_input_range(model: nn.Module, name: str | None = None, x: torch.Tenso
         model.train(was_training)
     seen = ", ".join(f"{e:.4f} fed [0, {r:g}]" for r, e in errors.items())
     best, other = sorted(RANGES, key=lambda r: errors[r])
+    if errors[best] <= MATCH_ERROR and errors[best] * MARGIN <= errors[other]:
+        return best, f"{name}: input range [0, {best:g}] detected (mean |downscaled output - input| {seen})"
     if errors[other] <= MATCH_ERROR:  # it normalises its input itself (basicsr's img_range): either range works
         return 1.0, f"{name}: input range [0, 1] (its output matches its input fed either range: {seen})"
-    if errors[best] > MATCH_ERROR or errors[best] * MARGIN > errors[other]:
-        why = "neither" if errors[best] > MATCH_ERROR else "both"
-        raise InputRangeError(
-            f"{name}: its output matches its input in {why} of the ranges [0, 1] and [0, 255] "
-            f"(mean |downscaled output - input| {seen}; a match is below {MATCH_ERROR} and {MARGIN:g}x below "
-            "the other); give the range explicitly (--input-range 1 or 255)"
-        )
-    return best, f"{name}: input range [0, {best:g}] detected (mean |downscaled output - input| {seen})"
+    why = "neither" if errors[best] > MATCH_ERROR else "both"
+    raise InputRangeError(
+        f"{name}: its output matches its input in {why} of the ranges [0, 1] and [0, 255] "
+        f"(mean |downscaled output - input| {seen}; a match is below {MATCH_ERROR} and {MARGIN:g}x below "
+        "the other); give the range explicitly (--input-range 1 or 255)"
+    )
 
 
 def resolve_input_range(model: nn.Module, given: object = None, name: str | None = None, strict: bool = False
