@@ -16,7 +16,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from srbinarize.runtime import KERNEL_ENV, KERNEL_PATHS, LIBRARY_ENV, kernel_path, kernel_supported, ort_session
+from srbinarize.runtime import (
+    KERNEL_ENV,
+    KERNEL_PATHS,
+    LIBRARY_ENV,
+    OnnxModelError,
+    kernel_path,
+    kernel_supported,
+    ort_session,
+)
 from srbinarize.runtime.opmodels import conv_model, linear_model
 from srbinarize.runtime.packing import binary_conv2d_dot, pack_conv_weight, pack_linear_weight
 
@@ -313,6 +321,7 @@ _ORT_ERRORS = (
     # Checks when the session creates the kernel (types, attributes, initializers): onnxruntime reports our
     # INVALID_ARGUMENT status as "Exception during initialization: <message>".
     ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    OnnxModelError,  # what ort_session makes of any of these when the session cannot be created
 )
 
 
