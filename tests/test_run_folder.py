@@ -118,8 +118,8 @@ def test_output_must_be_new_or_empty(tiny, tmp_path, capsys):
 
 
 def test_a_steps_budget_too_small_for_both_phases_says_so(tiny, tmp_path, capsys):
-    # default recipe: reconstruct 0.5; 3 units take at least 3 steps, so 3 steps leave no end-to-end step
-    assert main(_cli_args(tiny, tmp_path / "run", "--steps", "3")) == 2
+    # reconstruct 0.5: 3 units take at least 3 steps, so 3 steps leave no end-to-end step
+    assert main(_cli_args(tiny, tmp_path / "run", "--steps", "3", "--reconstruct", "0.5")) == 2
     err = capsys.readouterr().err
     assert "too small for reconstruct 0.5" in err and "at least 4 steps" in err, err
     assert not (tmp_path / "run").exists()
