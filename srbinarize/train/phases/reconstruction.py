@@ -173,14 +173,16 @@ def _steps_per_unit_in_time(s: Session, units: list[Unit], pool: list[torch.Tens
         s.teacher(pool[0])
         probe(pool[0])
     per_pass = time.time() - t0  # both networks on one batch
-    times: list[float] = []
+    per_step = 0.0  # one step of every unit: units differ (a whole transformer body, a single conv)
+    for unit in units:
+        times: list[float] = []
 
-    def timed(*_args) -> bool:
-        times.append(time.time())
-        return len(times) >= 5
+        def timed(*_args, times=times) -> bool:
+            times.append(time.time())
+            return len(times) >= 3
 
-    reconstruct_unit(probe, s.teacher, units[len(units) // 2], pool[:1], 5, 0.0, on_step=timed)
-    per_step = min(b - a for a, b in itertools.pairwise(times)) * 1.1
+        reconstruct_unit(probe, s.teacher, unit, pool[:1], 3, 0.0, on_step=timed)
+        per_step += min(b - a for a, b in itertools.pairwise(times)) * 1.1
     del probe
     share = s.cfg.recipe.train.reconstruct
     left = s.cfg.budget.minutes * 60 - (time.time() - s.started)
@@ -190,7 +192,7 @@ def _steps_per_unit_in_time(s: Session, units: list[Unit], pool: list[torch.Tens
     steps = 1
     for _ in range(3):  # the pool grows with the steps
         preparing = 2 * per_pass * pool_size(steps)
-        steps = max(1, int((budget - preparing) / (len(units) * per_step)))
-    s.log.say(f"reconstruction: {share:g} of {left / 60:.1f} min left, {per_step:.3f} s per unit step, "
+        steps = max(1, int((budget - preparing) / per_step))
+    s.log.say(f"reconstruction: {share:g} of {left / 60:.1f} min left, {per_step:.3f} s per step of all units, "
               f"{preparing:.0f} s to prepare the units -> {steps} steps per unit")
     return steps
