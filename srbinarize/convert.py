@@ -29,6 +29,7 @@ from .graph.partition import Plan, layer_kind, partition_exported, partition_gra
 from .graph.rewrite import build_replacements, select, swap
 from .graph.trace import TraceFailure, trace
 from .layers import LAYER_TYPES
+from .models import probe
 from .models.input_range import check_input_range, model_input_range, with_input_range
 from .recipe import Calibration, Recipe, load_recipe
 
@@ -79,7 +80,7 @@ def convert(
             f"{type(model).__name__} has no Conv2d, ConvTranspose2d or Linear layer: nothing to convert"
         )
     work = copy.deepcopy(model).eval()
-    example = example_input if example_input is not None else _example_input(work)
+    example = example_input if example_input is not None else _probe_input(work)
     try:
         traced = trace(work, example, leaf_modules)
         folded = fold_bn_graph(traced.module)  # conv -> BatchNorm pairs become one conv (exact in eval)
@@ -163,21 +164,12 @@ def record_shapes(model: nn.Module, plan: Plan, example: torch.Tensor) -> None:
             h.remove()
 
 
-def _example_input(model: nn.Module, size: int = 48) -> torch.Tensor:
-    """A small input the model accepts: image channels found by trying 3, then 1, then 4."""
-    errors = []
-    for channels in (3, 1, 4):
-        x = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0))
-        try:
-            with torch.no_grad():
-                model(x)
-            return x
-        except Exception as err:
-            errors.append(f"{channels} channels: {type(err).__name__}: {str(err).splitlines()[0]}")
-    raise ConversionError(
-        f"{type(model).__name__} rejects a 1xCx{size}x{size} input for C in (3, 1, 4): "
-        + "; ".join(errors) + ". Pass example_input=... with a shape it accepts."
-    )
+def _probe_input(model: nn.Module) -> torch.Tensor:
+    """A small input ``model`` runs on, or one `ConversionError` saying which were tried."""
+    try:
+        return probe.example_input(model)
+    except probe.ModelInputError as err:
+        raise ConversionError(str(err)) from None
 
 
 def default_calibration_batch(cal: Calibration, channels: int, seed: int = 0) -> torch.Tensor:

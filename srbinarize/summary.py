@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .convert import _example_input, conversion_info, record_shapes
+from .convert import conversion_info, record_shapes
 from .graph.adds import insert_skip_adds
 from .graph.memory import ActivationMemory, activation_memory
 from .graph.partition import LayerRow, Plan, partition_exported, partition_graph
 from .graph.trace import TraceFailure, trace
 from .layers import QuantLayer
+from .models.probe import example_input
 
 
 @dataclass
@@ -100,7 +101,7 @@ def summary(model: nn.Module, input_size: tuple[int, int] = (64, 64)) -> Summary
     Works on a converted model (reads its plan) and on an FP model (plans it as `convert` would).
     """
     info = conversion_info(model)
-    channels = info.in_channels if info else _example_input(model).shape[1]
+    channels = info.in_channels if info else example_input(model).shape[1]
     example = torch.rand(1, channels, *input_size)
     if info:
         plan = copy.deepcopy(info.plan)

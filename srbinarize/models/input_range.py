@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SrbinarizeError
+from .probe import example_input
 
 RANGES: tuple[float, ...] = (1.0, 255.0)
 #: Mean |downscaled output - input| (images in [0, 1]) below which an output "matches" its input.
@@ -99,13 +100,11 @@ def detect_input_range(model: nn.Module, name: str | None = None, x: torch.Tenso
 
     ``x``: LR patches in [0, 1] (default: `probe_patches` with the channels the model accepts).
     """
-    from ..convert import _example_input
-
     name = name or type(model).__name__
     was_training = model.training
     model.eval()
     try:
-        x = probe_patches(_example_input(model, size=16).shape[1]) if x is None else x
+        x = probe_patches(example_input(model, size=16).shape[1]) if x is None else x
         errors = {r: _mismatch(model, x, r) for r in RANGES}
     finally:
         model.train(was_training)
