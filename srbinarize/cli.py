@@ -13,23 +13,21 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture as package.module:Class when it cannot be detected (also allows a "
                    "file to name it)")
     p.add_argument("--arch-kwargs", default="{}", help="JSON keyword arguments for --arch")
+    p.add_argument("--input-range", type=float, metavar="1|255",
+                   help="RGB range a pretrained checkpoint takes (default: detected by probing the model)")
 
 
 def _load_any(path: str, args: argparse.Namespace):
     """A converted srbinarize checkpoint, or a pretrained FP checkpoint (architecture detected or given)."""
     from .checkpoint import FORMAT, load_model, read_metadata
-    from .models import load_pretrained
+    from .models.input_range import load_pretrained_in_range
 
     if path.endswith(".safetensors") and read_metadata(path).get("format") == FORMAT:
         return load_model(path), None
-    if getattr(args, "input_range", False) is not False:  # convert: the range given, else detected
-        from .models.input_range import load_pretrained_in_range
-
-        model, spec, message = load_pretrained_in_range(path, args.input_range, arch=args.arch,
-                                                        arch_kwargs=args.arch_kwargs)
-        print(message)
-        return model, spec
-    return load_pretrained(path, arch=args.arch, arch_kwargs=args.arch_kwargs)
+    model, spec, message = load_pretrained_in_range(path, args.input_range, arch=args.arch,
+                                                    arch_kwargs=args.arch_kwargs)
+    print(message)  # the range given, or the one detected and why
+    return model, spec
 
 
 def _arch_kwargs(text: str) -> str:
@@ -126,8 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="scales", help="shipped recipe name or path to a .yaml recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe option")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .safetensors")
-    p.add_argument("--input-range", default=None, metavar="1|255",
-                   help="RGB range the model was trained on (default: detected by probing the model)")
     _add_model_source(p)
     p.set_defaults(func=_cmd_convert)
 

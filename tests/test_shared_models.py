@@ -155,3 +155,25 @@ def test_finetune_evaluates_a_255_model_in_its_detected_range(tmp_path, monkeypa
     assert "input range [0, 255] detected" in (tmp_path / "run" / "train.log").read_text()
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["input_range"] == 255.0
+
+
+@pytest.mark.skipif(not shared_zoo.available("team03_fmen"), reason="../shared/models/team03_fmen absent")
+def test_convert_and_inspect_take_the_range_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """`convert` and `inspect` share finetune's --input-range: detected when absent, checked when given."""
+    from cli_checks import one_line_exit_2
+
+    from srbinarize.checkpoint import read_metadata
+    from srbinarize.cli import main
+
+    e = shared_zoo.entry("team03_fmen")
+    folder = shared_zoo.ROOT / e["folder"]
+    monkeypatch.syspath_prepend(str(folder))
+    source = [str(folder / e["weights"]), "--arch", e["import"]]
+    assert main(["inspect", *source, "--input-size", "16", "16"]) == 0
+    assert "input range [0, 255] detected" in capsys.readouterr().out
+    one_line_exit_2(["convert", *source, "--input-range", "7", "-o", str(tmp_path / "q.safetensors")], capsys,
+                    "--input-range", "1 (RGB in [0, 1]) or 255", "7")
+    assert not (tmp_path / "q.safetensors").exists()
+    out = tmp_path / "q.safetensors"
+    assert main(["convert", *source, "--input-range", "255", "-o", str(out), "--set", "spatial_rescale=false"]) == 0
+    assert json.loads(read_metadata(str(out))["model"])["input_range"] == 255.0

@@ -25,9 +25,6 @@ def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
                    "photos scikit-image ships")
     g.add_argument("--crops", type=int, default=4, help="number of LR crops scored")
     g.add_argument("--crop-size", type=int, default=48, help="LR crop side in pixels")
-    if "--input-range" not in p._option_string_actions:  # the model-source options may come to hold it
-        g.add_argument("--input-range", type=float, help="the model takes RGB in [0, this]: 1 or 255 (default: "
-                       "the model's own, 1 unless it is wrapped)")
     g.add_argument("--binary-share", type=float, metavar="P",
                    help="also choose the layers to keep FP so that at least P of the body's MACs stay binary (any "
                    "target writes PREFIX_mixed.yaml, a recipe with the chosen layers in targets.keep_fp)")
