@@ -80,6 +80,9 @@ class TrainSpec:
     # Share of the budget spent on block-wise reconstruction before end-to-end training (0: no such phase).
     reconstruct: float = 0.0
     reconstruct_lr: float = 5e-3
+    # Share of the end-to-end steps over which the layers move from their FP equivalent to binary (0: binary
+    # from the first step); see srbinarize.train.phases.end_to_end.BinarizationRamp.
+    progressive: float = 0.0
     # Learning rate of learnable quantizer intervals relative to their size (None: the network's lr);
     # see srbinarize.train.optim.
     interval_lr: float | None = None
@@ -104,6 +107,10 @@ class TrainSpec:
         if not (isinstance(self.reconstruct, (int, float)) and 0 <= self.reconstruct <= 1):  # False for nan
             raise ValueError(f"reconstruct is the share of the budget for reconstruction, in [0, 1]; got "
                              f"{self.reconstruct!r}")
+        if isinstance(self.progressive, bool) or not (isinstance(self.progressive, (int, float))
+                                                       and 0 <= self.progressive < 1):  # False for nan
+            raise ValueError(f"progressive is the share of the end-to-end steps spent moving from FP to binary, in "
+                             f"[0, 1); got {self.progressive!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
 

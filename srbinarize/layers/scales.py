@@ -22,6 +22,13 @@ skip is on (so that the binary branch approximates what the skip leaves), then s
 by the least-squares gain that best matches the FP output on the calibration batch; the re-scaling
 branches start at zero weights (sigmoid = 0.5, where its gradient is largest). Whether the skip is on is
 a buffer, so it travels with the weights.
+
+Progressive binarization (`set_binarization`, driven by the end-to-end phase's ``train.progressive``):
+the layer outputs ``(1 - l) * fp(x) + l * binary(x)``, where ``fp`` is the FP layer the latent weight
+stands for: calibration scaled the latent weight by a per-output-channel gain (kept in the ``fp_gain``
+buffer), so ``fp(x) = conv(x, weight / fp_gain) + bias (+ x where the skip is on)``, which is the
+pretrained layer exactly until training moves the weight. ``l = 1`` (the default, and what export and
+inference see) is the binary layer alone; ``l = 0`` the FP one alone.
 """
 
 from __future__ import annotations
@@ -104,6 +111,9 @@ class _ScalesBase(QuantLayer):
         self.alpha = nn.Parameter(torch.ones(()))
         self.same_shape = self.in_channels == self.out_channels
         self.register_buffer("skip_on", torch.tensor(config.skip == "always" and self.same_shape))
+        # The calibration gain the latent weight carries (1 before calibration): weight / fp_gain is the FP weight.
+        self.register_buffer("fp_gain", torch.ones(self.out_channels))
+        self.binarization = 1.0  # l of the progressive ramp; 1: the deployed binary layer
         self.spatial: nn.Module | None = None  # re-scaling branches, set by subclasses
         self.channel: nn.Module | None = None
 
@@ -167,13 +177,35 @@ class _ScalesBase(QuantLayer):
         w = sign_ste(self.weight, self._weight_window(), kind) if self.config.binarize_weights else self.weight
         return self._rescale(self._product(a, w) * self._per_out(self.output_scale()), x)
 
+    def set_binarization(self, level: float) -> None:
+        """Blend of the FP-equivalent (0) and the binary layer (1) in the forward pass."""
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"binarization level must be in [0, 1], got {level!r}")
+        self.binarization = float(level)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._scaled_product(x)
+        level = self.binarization
+        if level >= 1.0:
+            return self._finish(self._scaled_product(x), x)
+        fp = self._finish(self._product(x, self.weight / self._fp_gain_view()), x)
+        return fp if level <= 0.0 else torch.lerp(fp, self._finish(self._scaled_product(x), x), level)
+
+    def _finish(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Bias and identity skip on top of the product."""
         if self.bias is not None:
             t = t + self._per_out(self.bias)
         if self.use_skip:
             t = t + x
         return t
+
+    def _fp_gain_view(self) -> torch.Tensor:
+        return self.fp_gain.view(-1, *[1] * (self.weight.dim() - 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files written before fp_gain existed: their latent weights carry an unknown gain; 1 keeps them loadable
+        # (only the progressive ramp reads it).
+        state_dict.setdefault(prefix + "fp_gain", torch.ones_like(self.fp_gain))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, y_fp: torch.Tensor) -> None:
@@ -206,6 +238,7 @@ class _ScalesBase(QuantLayer):
         gain = torch.where(torch.isfinite(gain) & (gain != 0), gain, torch.ones_like(gain))
         if apply:
             self.weight.mul_(gain.view(-1, *[1] * (self.weight.dim() - 1)))
+            self.fp_gain.mul_(gain)
         return float((target - t * self._per_out(gain)).pow(2).sum())
 
     @property

@@ -5,7 +5,9 @@ what reconstruction left; with ``minutes`` the step count that fits is measured 
 once after a few real steps (other jobs may have slowed the machine); when reconstruction used up the time
 budget, the phase says so and validates the model as it is. After reconstruction the learning rate warms up
 over a tenth of the steps (at least 5): Adam's first full-size steps would undo much of what reconstruction
-reached (one step at lr 1e-3 took Set5 x4 from 28.0 to 24.5 dB). It validates every ``val_every`` steps,
+reached (one step at lr 1e-3 took Set5 x4 from 28.0 to 24.5 dB). With ``train.progressive`` the layers
+start as their FP equivalent and are blended into the binary layers over that share of the steps
+(`BinarizationRamp`); validations and checkpoints always see the binary model. It validates every ``val_every`` steps,
 checkpoints every ``save_every`` steps (and every ``save_seconds``) under ``<run>/checkpoints/`` and writes
 ``<run>/final.safetensors`` at its end.
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +75,34 @@ def feature_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
     return [r.name for r in info.plan.rows if r.replaced_by and r.name in teacher_modules] if info else []
 
 
+class BinarizationRamp:
+    """``train.progressive``: over the first ``share`` of the steps, every layer that offers
+    ``set_binarization`` goes linearly from its FP equivalent (level 0 at step 0) to the binary layer (1);
+    from then on, and whenever the model is validated or saved, it is the binary layer alone."""
+
+    def __init__(self, student: nn.Module, share: float):
+        self.share = share
+        self.layers = [m for m in student.modules() if hasattr(m, "set_binarization")] if share else []
+
+    def level(self, step: int, total: int) -> float:
+        ramp = self.share * total
+        return 1.0 if step >= ramp else step / ramp
+
+    def set(self, level: float) -> None:
+        for layer in self.layers:
+            layer.set_binarization(level)
+
+    @contextmanager
+    def binary(self) -> Iterator[None]:
+        levels = [layer.binarization for layer in self.layers]
+        self.set(1.0)
+        try:
+            yield
+        finally:
+            for layer, level in zip(self.layers, levels, strict=True):
+                layer.set_binarization(level)
+
+
 class EndToEnd(Phase):
     name = "end_to_end"
 
@@ -95,6 +127,9 @@ class EndToEnd(Phase):
                 resolve_extra_loss(name)
         if train.feature_distill_weight and not feature_layers(student, teacher):
             raise FinetuneError("feature distillation: no converted layer has a counterpart in the teacher")
+        if train.progressive and not BinarizationRamp(student, train.progressive).layers:
+            raise FinetuneError(f"train.progressive={train.progressive:g}: recipe {cfg.recipe.name!r} converted no "
+                                "layer that can be blended from FP to binary (SCALES layers can); set it to 0")
 
     def plan(self, s: Session) -> dict[str, int]:
         cfg, train = s.cfg, s.cfg.recipe.train
@@ -146,13 +181,19 @@ class EndToEnd(Phase):
                   f"{train.optimizer} lr {train.lr:g} {train.schedule}, warmup {plan['warmup_steps']}; loss: l1 "
                   f"{train.l1_weight:g}, distill {train.distill_weight:g}, feature {train.feature_distill_weight:g}, "
                   f"extra {dict(train.extra_losses)}")
+        ramp = BinarizationRamp(s.student, train.progressive)
+        if ramp.layers:
+            s.log.say(f"progressive binarization: {len(ramp.layers)} layers blended from FP to binary over the first "
+                      f"{train.progressive:g} of the steps")
         try:
-            return self._train(s, plan, objective, start)
+            return self._train(s, plan, objective, start, ramp)
         finally:
+            ramp.set(1.0)
             for tap in taps:
                 tap.close()
 
-    def _train(self, s: Session, plan: dict[str, int], objective: Objective, start: int) -> PhaseEnd:
+    def _train(self, s: Session, plan: dict[str, int], objective: Objective, start: int,
+               ramp: BinarizationRamp) -> PhaseEnd:
         cfg = s.cfg
         total = plan["steps"]
         val_every = cfg.run.val_every or max(1, total // 5)
@@ -175,6 +216,7 @@ class EndToEnd(Phase):
                     out_of_time = True
                     break
                 t_step = time.time()
+                ramp.set(ramp.level(step, total))
                 value, parts, lr = self._step(s, next(loader), objective, step)
                 step += 1
                 s.count_step()
@@ -190,13 +232,16 @@ class EndToEnd(Phase):
                 if bar is not None:
                     bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}", refresh=False)
                     bar.update(1)
-                if step % val_every == 0 or step == total:
-                    s.validate(step)
-                    last_val = step
-                if step % cfg.run.save_every == 0 or step == total or time.time() - last_save > cfg.run.save_seconds:
-                    self.checkpoint(s, step)
-                    last_save = time.time()
+                with ramp.binary():
+                    if step % val_every == 0 or step == total:
+                        s.validate(step)
+                        last_val = step
+                    if step % cfg.run.save_every == 0 or step == total or \
+                            time.time() - last_save > cfg.run.save_seconds:
+                        self.checkpoint(s, step)
+                        last_save = time.time()
         finally:
+            ramp.set(1.0)
             if bar is not None:
                 bar.close()
         if out_of_time and step == start == 0:
