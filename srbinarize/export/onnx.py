@@ -51,6 +51,7 @@ from ..layers.scales import ScalesConv2d, _ScalesBase
 from ..models.input_range import model_input_range
 from ..runtime import DOMAIN, cpu_has_vnni, kernel_supported
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
+from .shuffle_fold import fold_shuffle_convs
 
 OPSET = 17
 # The op's inputs after X, in order (kernels/README.md); residual and prelu_slope are set by `_fuse_epilogues`.
@@ -74,6 +75,7 @@ class ExportReport:
     int8: list[str] = field(default_factory=list)  # of those, the ones written as int8 QDQ (remainder="int8")
     fused: list[str] = field(default_factory=list)  # "name: + residual, + relu" (ops folded into a binary op)
     qdq: list[str] = field(default_factory=list)  # FQSR layers, written as QuantizeLinear / DequantizeLinear
+    shuffle_folded: list[str] = field(default_factory=list)  # "upsample.0 + conv_last": see `shuffle_fold`
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.file_bytes / 1024:.1f} KiB)", f"packed (1-bit weights): {len(self.packed)}"]
@@ -82,6 +84,9 @@ class ExportReport:
             lines += [f"quantized (QDQ): {len(self.qdq)}", *(f"  {q}" for q in self.qdq)]
         if self.fused:
             lines.append(f"folded into the binary ops' epilogues: {'; '.join(self.fused)}")
+        if self.shuffle_folded:
+            lines.append("output conv folded through the pixel shuffle into the conv before it: "
+                         + ", ".join(self.shuffle_folded))
         if self.int8:
             lines.append(f"int8 QDQ (onnxruntime QLinearConv): {', '.join(self.int8)}")
         lines.append("stayed FP (standard ONNX ops):")
@@ -712,7 +717,32 @@ def _remainder_int8(proto: onnx.ModelProto, names: list[str], batch: np.ndarray,
             graph.node.insert(position + offset, new)
         done.append(wanted[w_name])
     graph.initializer.extend(new_inits)
+    _shuffle_before_dequantizing(graph)
     return done
+
+
+def _shuffle_before_dequantizing(graph: onnx.GraphProto) -> None:
+    """``DequantizeLinear -> DepthToSpace`` as ``DepthToSpace -> DequantizeLinear``: a per-tensor dequantization
+    commutes with the shuffle, which then moves uint8 instead of float (a third of the time, measured on the
+    EDSR x2 upsampler), and the result is the same."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        users = consumers.get(dq.output[0], [])
+        if len(users) != 1 or users[0].op_type != "DepthToSpace" or dq.output[0] in outputs:
+            continue
+        shuffle = users[0]
+        if (any(a.name == "axis" for a in dq.attribute) or len(consumers.get(dq.input[0], [])) != 1
+                or any(n.op_type == "QuantizeLinear" for n in consumers.get(shuffle.output[0], []))):
+            continue  # per-channel scales do not commute; re-quantized after it, onnxruntime drops the pair itself
+        shuffled = shuffle.output[0]
+        shuffle.input[0], shuffle.output[0] = dq.input[0], f"{shuffled}.shuffled_codes"
+        dq.input[0], dq.output[0] = f"{shuffled}.shuffled_codes", shuffled
+        graph.node.remove(dq)
+        graph.node.insert(list(graph.node).index(shuffle) + 1, dq)
 
 
 def export_onnx(
@@ -778,6 +808,7 @@ def export_onnx(
             )
         proto = onnx.load(tmp)
         report.fused = _finish(proto, fold)
+        _fold_upsampler(proto, report)
         if remainder == "int8" and report.fp_convs:
             batch = _calibration_batch(model, example_input, calibration_data)
             report.int8 = _remainder_int8(proto, report.fp_convs, batch, remainder_weight_bits)
@@ -787,6 +818,16 @@ def export_onnx(
         onnx.save(proto, tmp)
     report.file_bytes = path.stat().st_size
     return report
+
+
+def _fold_upsampler(proto: onnx.ModelProto, report: ExportReport) -> None:
+    """`fold_shuffle_convs`, with the folded output conv taken off the report's FP lists."""
+    module = {f"{name}.weight": name for name in report.fp_convs}
+    for first, second in fold_shuffle_convs(proto.graph):
+        up, out = module.get(first, first), module.get(second, second)
+        report.shuffle_folded.append(f"{up} + {out}")
+        report.fp_convs = [name for name in report.fp_convs if name != out]
+        report.fp = [line for line in report.fp if line.split(":", 1)[0] != out]
 
 
 def _document_range(proto: onnx.ModelProto, model: nn.Module) -> None:
