@@ -198,6 +198,41 @@ def test_conv_residual_and_activation_epilogue(path, c, o, hw, act):
         wrong.run(None, {"X": x, "spatial": spatial, "residual": res[:, :, :-1]})
 
 
+@pytest.mark.parametrize("act", ["none", "relu", "prelu"])
+@pytest.mark.parametrize("add", ["none", "skip", "residual"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_epilogue_shapes_exact(path, with_bias, add, act):
+    """Every epilogue without spatial map or channel scale (the AVX-512 rows compile each such shape
+    separately) equals the op's fp32 order computed by NumPy bit for bit, for channel counts whose
+    windows are concatenated (12, 24, 48, 50) or not (64, 80), and widths with partial tiles."""
+    for case, (c, hw) in enumerate([(64, (6, 37)), (48, (5, 16)), (50, (4, 70)), (24, (3, 33)), (12, (5, 9)),
+                                    (80, (3, 48))]):
+        rng = np.random.default_rng([case, with_bias, len(add), len(act)])
+        n, k, o = 2, 3, c
+        x = rng.standard_normal((n, c, *hw)).astype(np.float32)
+        thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+        wt = _signs(rng, (o, c, k, k))
+        scale = rng.uniform(0.01, 0.1, o).astype(np.float32)
+        bias = rng.standard_normal(o).astype(np.float32) if with_bias else None
+        res = rng.standard_normal((n, o, *hw)).astype(np.float32)
+        slope = rng.uniform(-0.5, 0.5, o).astype(np.float32)
+        extra = {"relu": 1} if act == "relu" else {"prelu_slope": slope} if act == "prelu" else {}
+        model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(k, k), in_channels=c,
+                           skip=int(add == "skip"), residual=add == "residual", **extra)
+        feeds = {"X": x, **({"residual": res} if add == "residual" else {})}
+        y = ort_session(model).run(None, feeds)[0]
+        t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
+        if with_bias:
+            t = t + bias[None, :, None, None]
+        if add != "none":
+            t = t + (x if add == "skip" else res)
+        if act == "relu":
+            t = np.where(t < 0, np.float32(0), t)
+        elif act == "prelu":
+            t = np.where(t < 0, t * slope[None, :, None, None], t)
+        np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
+
+
 @pytest.mark.parametrize(("c", "o", "hw"), [(24, 24, (9, 13)), (64, 64, (5, 67)), (70, 5, (4, 33)), (3, 8, (1, 1))])
 def test_conv_fused_spatial_map(path, c, o, hw):
     """spatial_weight / spatial_bias: spatial = sigmoid(sum_c w[c] x[c] + b) computed inside the op."""

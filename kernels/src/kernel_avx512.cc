@@ -68,8 +68,9 @@ void dot_tile(const DotTile& a) {
 }
 
 #ifndef _mm512_popcnt_epi64  // the real instructions (the emulated test build leaves the fused path out)
-// GCC 12's own AVX-512 headers trip -Wmaybe-uninitialized (their `__Y = __Y` idiom) once inlined here.
+// GCC 12's own AVX-512 headers trip -W(maybe-)uninitialized (their `__Y = __Y` idiom) once inlined here.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // ---- fused convolution rows (ConvRow) ----
 
 // Planar FP32 rows -> line layout. Groups of 8 channels, each streamed through all rows (8 input
@@ -112,28 +113,46 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
   }
 }
 
+// Lane mask of the first `rem` of 16 lanes (rem may be <= 0 or >= 16).
+inline __mmask16 lanes(int rem) {
+  return rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
+}
+
+// The epilogue's shape known at compile time: kGeneric tests every optional input at run time; any
+// other value is a set of the flags below (no spatial map, channel scale or channel sums; at most one
+// of skip and residual, read through one pointer). Testing the optional inputs per 16 outputs was a
+// quarter of a plain conv's time; the common shapes get their own code without those branches.
+constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8;
+
 // 16 output values of channel o from two 8-pixel count vectors, in the op's fp32 order; lanes from
-// pixel p + rem on are neither loaded nor stored.
+// pixel p + rem on are neither loaded nor stored. `add`: the skip or residual plane (F & kAdd).
+// `stream`: the output rows are 64-byte aligned, so full blocks are written with streaming stores (the
+// output is not read back here: no read-for-ownership of its lines).
 // Returns the values written (0 in lanes not written), for ConvRow::channel_sums.
-inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1) {
-  const __mmask16 m = rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
-  const __m512i counts = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(c0)),
-                                            _mm512_cvtepi64_epi32(c1), 1);
+template <int F>
+inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1, const float* add,
+                           bool stream) {
+  const __mmask16 m = lanes(rem);
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i counts = _mm512_permutex2var_epi32(c0, evens, c1);  // the low halves of the 64-bit counts
   __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a.full), _mm512_slli_epi32(counts, 1));
   if (a.fix && (p < a.fix_lo || p + 16 > a.fix_hi))
     d = _mm512_add_epi32(d, _mm512_maskz_loadu_epi32(m, a.fix + o * a.fix_ld + p));
   __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.scale[o]));
-  if (a.spatial) t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, a.spatial + p));
-  if (a.channel) t = _mm512_mul_ps(t, _mm512_set1_ps(a.channel[o]));
-  if (a.bias) t = _mm512_add_ps(t, _mm512_set1_ps(a.bias[o]));
-  if (a.skip) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.skip + o * a.plane + p));
-  if (a.residual) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.residual + o * a.plane + p));
-  if (a.relu) t = _mm512_max_ps(_mm512_setzero_ps(), t);  // NaN stays NaN (max returns its second operand)
-  if (a.slope)
+  constexpr bool generic = F == kGeneric;
+  if (generic && a.spatial) t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, a.spatial + p));
+  if (generic && a.channel) t = _mm512_mul_ps(t, _mm512_set1_ps(a.channel[o]));
+  if (generic ? a.bias != nullptr : (F & kBias) != 0) t = _mm512_add_ps(t, _mm512_set1_ps(a.bias[o]));
+  if (generic && a.skip) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.skip + o * a.plane + p));
+  if (generic && a.residual) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.residual + o * a.plane + p));
+  if (!generic && (F & kAdd)) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, add + o * a.plane + p));
+  if (generic ? a.relu : (F & kRelu) != 0)
+    t = _mm512_max_ps(_mm512_setzero_ps(), t);  // NaN stays NaN (max returns its second operand)
+  if (generic ? a.slope != nullptr : (F & kPrelu) != 0)
     t = _mm512_mask_mul_ps(t, _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ), t, _mm512_set1_ps(a.slope[o]));
   float* out = a.y + o * a.plane + p;
-  if (m == 0xffff && (reinterpret_cast<uintptr_t>(out) & 63) == 0) {
-    _mm512_stream_ps(out, t);  // the output is not read back here: no read-for-ownership of its lines
+  if (stream && m == 0xffff) {
+    _mm512_stream_ps(out, t);
   } else {
     _mm512_mask_storeu_ps(out, m, t);
   }
@@ -141,10 +160,11 @@ inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, 
 }
 
 // 8 * V pixels from p x 4 output channels at a time: per step V input vectors and 4 broadcast weight
-// words feed 4 * V accumulators (vpopcntq on 8 pixels each), which stay in registers.
-template <int V>
-inline void row_tile(const ConvRow& a, int p, int np) {
-  const int steps = a.steps;
+// words feed 4 * V accumulators (vpopcntq on 8 pixels each), which stay in registers. S: the number
+// of steps when known at compile time (0: a.steps); F: the epilogue's shape.
+template <int F, int S, int V>
+inline void row_tile(const ConvRow& a, int p, int np, const float* add, bool stream) {
+  const int steps = S ? S : a.steps;
   const uint64_t* x = a.x + p;
   for (int o0 = 0; o0 < a.out_channels; o0 += 4) {
     __m512i acc[4][V];
@@ -170,14 +190,47 @@ inline void row_tile(const ConvRow& a, int p, int np) {
       __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 2
       for (int v = 0; v < V; v += 2) {
-        const __m512 t = row_epilogue(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1]);
-        if (a.channel_sums) sum = _mm512_add_ps(sum, t);
+        const __m512 t = row_epilogue<F>(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1], add, stream);
+        if (F == kGeneric && a.channel_sums) sum = _mm512_add_ps(sum, t);
       }
-      if (a.channel_sums) {
+      if (F == kGeneric && a.channel_sums) {
         float* sums = a.channel_sums + (o0 + oc) * 16;
         _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), sum));
       }
     }
+  }
+}
+
+// A row in tiles of 32 pixels (the last one 16 when no more remain).
+template <int F, int S>
+void row_tiles(const ConvRow& a, const float* add) {
+  const bool stream = ((reinterpret_cast<uintptr_t>(a.y) | uintptr_t(a.plane * 4)) & 63) == 0;
+  const int tiles = (a.width + 31) / 32;
+  const int per_tile = (a.prefetch_rows + tiles - 1) / tiles;  // prefetched rows per tile
+  for (int p = 0, t = 0; p < a.width; p += 32, ++t) {
+    const int np = a.width - p < 32 ? a.width - p : 32;
+    if (a.prefetch) {
+      const int r1 = a.prefetch_rows < (t + 1) * per_tile ? a.prefetch_rows : (t + 1) * per_tile;
+      for (int r = t * per_tile; r < r1; ++r)
+        for (int q = 0; q < a.width; q += 16)
+          _mm_prefetch(reinterpret_cast<const char*>(a.prefetch + r * a.prefetch_stride + q), _MM_HINT_T1);
+    }
+    if (np > 16) {
+      row_tile<F, S, 4>(a, p, np, add, stream);
+    } else {
+      row_tile<F, S, 2>(a, p, np, add, stream);
+    }
+  }
+}
+
+// The step count known at compile time for 3x3 windows of 64 channels (9) and concatenated windows of
+// 48 channels (7), the common cases.
+template <int F>
+void row_tiles_steps(const ConvRow& a, const float* add) {
+  switch (a.steps) {
+    case 9: row_tiles<F, 9>(a, add); break;
+    case 7: row_tiles<F, 7>(a, add); break;
+    default: row_tiles<F, 0>(a, add);
   }
 }
 
@@ -237,21 +290,23 @@ void conv_row(const ConvRow& row) {
     build_windows(row);
     a.x = row.window;
   }
-  const int tiles = (a.width + 31) / 32;
-  const int per_tile = (a.prefetch_rows + tiles - 1) / tiles;  // prefetched rows per tile
-  for (int p = 0, t = 0; p < a.width; p += 32, ++t) {
-    const int np = a.width - p < 32 ? a.width - p : 32;
-    if (a.prefetch) {
-      const int r1 = a.prefetch_rows < (t + 1) * per_tile ? a.prefetch_rows : (t + 1) * per_tile;
-      for (int r = t * per_tile; r < r1; ++r)
-        for (int q = 0; q < a.width; q += 16)
-          _mm_prefetch(reinterpret_cast<const char*>(a.prefetch + r * a.prefetch_stride + q), _MM_HINT_T1);
-    }
-    if (np > 16) {
-      row_tile<4>(a, p, np);
-    } else {
-      row_tile<2>(a, p, np);
-    }
+  const bool generic = a.spatial || a.channel || a.channel_sums || (a.skip && a.residual);
+  const float* add = a.skip ? a.skip : a.residual;
+  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0);
+  switch (generic ? kGeneric : shape) {
+    case 0: row_tiles_steps<0>(a, add); break;
+    case kBias: row_tiles_steps<kBias>(a, add); break;
+    case kAdd: row_tiles_steps<kAdd>(a, add); break;
+    case kBias | kAdd: row_tiles_steps<kBias | kAdd>(a, add); break;
+    case kRelu: row_tiles_steps<kRelu>(a, add); break;
+    case kBias | kRelu: row_tiles_steps<kBias | kRelu>(a, add); break;
+    case kAdd | kRelu: row_tiles_steps<kAdd | kRelu>(a, add); break;
+    case kBias | kAdd | kRelu: row_tiles_steps<kBias | kAdd | kRelu>(a, add); break;
+    case kPrelu: row_tiles_steps<kPrelu>(a, add); break;
+    case kBias | kPrelu: row_tiles_steps<kBias | kPrelu>(a, add); break;
+    case kAdd | kPrelu: row_tiles_steps<kAdd | kPrelu>(a, add); break;
+    case kBias | kAdd | kPrelu: row_tiles_steps<kBias | kAdd | kPrelu>(a, add); break;
+    default: row_tiles_steps<kGeneric>(a, add);  // spatial map, channel scale, channel sums, skip + residual
   }
   _mm_sfence();  // the streaming stores are visible before the row's task ends
 }
