@@ -48,6 +48,28 @@ def test_mismatching_architecture_names_file_and_keys(saved, tmp_path):
         load_model(other)
 
 
+def test_a_file_written_before_a_buffer_existed_still_loads(saved, tmp_path):
+    """SCALES' ``fp_gain`` (progressive binarization) came after the first files: without it a file loads with
+    the layer's default (1) and computes the same; a weight missing is still refused."""
+    from safetensors.torch import load_file
+
+    from srbinarize.checkpoint import atomic_save_tensors, read_metadata
+
+    binary, path = saved
+    tensors = load_file(str(path))
+    old = {k: v for k, v in tensors.items() if not k.endswith(".fp_gain")}
+    assert len(old) < len(tensors)
+    older = tmp_path / "older.safetensors"
+    atomic_save_tensors(old, older, read_metadata(path))
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(load_model(older)(x), binary(x))
+    broken = {k: v for k, v in old.items() if k != "conv_first.weight"}
+    atomic_save_tensors(broken, tmp_path / "broken.safetensors", read_metadata(path))
+    with pytest.raises(CheckpointError, match=r"broken\.safetensors.*1 missing.*conv_first\.weight"):
+        load_model(tmp_path / "broken.safetensors")
+
+
 def test_corrupt_and_foreign_files(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00\x01garbage")

@@ -224,24 +224,26 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, arch: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what does not match."""
+    """``load_state_dict(strict=True)`` with an error that lists what does not match.
+
+    Keys are matched by ``load_state_dict`` itself, so a layer's ``_load_from_state_dict`` can supply the
+    default of a buffer that files written before it existed lack.
+    """
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-        if shapes:
-            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[:3]})")
+    parts = [f"{len(shapes)} of another shape (e.g. {shapes[:3]})"] if shapes else []
+    if not shapes:
+        result = model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()},
+                                       strict=False)
+        if result.missing_keys:
+            parts.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:4]})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:4]})")
+    if parts:
         raise CheckpointError(
             f"{source} does not match {arch}: " + "; ".join(parts) + ". Check --arch / --arch-kwargs."
         )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
 def model_scale(model: nn.Module, in_channels: int = 3, size: int = 16) -> int:
