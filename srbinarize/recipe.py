@@ -37,6 +37,7 @@ LAYER_KINDS = ("conv2d", "linear", "add")
 ROLES = ("head", "body", "tail")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear")
+PROGRESSIVE_ORDERS = ("together", "weights_first")
 
 
 class RecipeError(SrbinarizeError):
@@ -83,6 +84,9 @@ class TrainSpec:
     # Share of the end-to-end steps over which the layers move from their FP equivalent to binary (0: binary
     # from the first step); see srbinarize.train.phases.end_to_end.BinarizationRamp.
     progressive: float = 0.0
+    # together: the whole layer is blended; weights_first: over the first half of that share the FP side's
+    # weights are binarized (FP activations), over the second half the binary layer is blended in.
+    progressive_order: str = "together"
     # Learning rate of learnable quantizer intervals relative to their size (None: the network's lr);
     # see srbinarize.train.optim.
     interval_lr: float | None = None
@@ -111,6 +115,9 @@ class TrainSpec:
                                                        and 0 <= self.progressive < 1):  # False for nan
             raise ValueError(f"progressive is the share of the end-to-end steps spent moving from FP to binary, in "
                              f"[0, 1); got {self.progressive!r}")
+        if self.progressive_order not in PROGRESSIVE_ORDERS:
+            raise ValueError(f"progressive_order {self.progressive_order!r} is unknown; expected one of "
+                             f"{list(PROGRESSIVE_ORDERS)}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
 

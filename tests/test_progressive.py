@@ -85,12 +85,12 @@ def test_each_layer_at_level_0_is_its_fp_conv(fp_and_binary):
 def test_gradients_reach_the_latent_weights_at_every_level(fp_and_binary):
     _fp, binary = fp_and_binary
     x = torch.rand(2, 3, 16, 16)
-    for level in (0.0, 0.5, 1.0):
-        BinarizationRamp(binary, 0.5).set(level)
+    for level, weights in ((0.0, 0.0), (0.0, 0.5), (0.0, 1.0), (0.5, 0.0), (0.5, 1.0), (1.0, 1.0)):
+        BinarizationRamp(binary, 0.5).set(level, weights)
         binary.zero_grad(set_to_none=True)
         binary(x).abs().mean().backward()
         for layer in _layers(binary):
-            assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, (level, layer)
+            assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, (level, weights, layer)
             if level > 0:  # the binary side's own parameters learn once it is in the blend
                 assert layer.alpha.grad is not None and layer.alpha.grad.abs() > 0
     BinarizationRamp(binary, 0.5).set(1.0)
@@ -99,13 +99,37 @@ def test_gradients_reach_the_latent_weights_at_every_level(fp_and_binary):
 def test_ramp_levels_and_binary_view(fp_and_binary):
     _fp, binary = fp_and_binary
     ramp = BinarizationRamp(binary, 0.5)
-    assert [ramp.level(step, 100) for step in (0, 25, 49, 50, 99)] == [0.0, 0.5, 0.98, 1.0, 1.0]
+    assert [ramp.levels(step, 100) for step in (0, 25, 49, 50, 99)] == [
+        (0.0, 0.0), (0.5, 0.0), (0.98, 0.0), (1.0, 1.0), (1.0, 1.0)]
+    two_step = BinarizationRamp(binary, 0.5, "weights_first")
+    assert [two_step.levels(step, 100) for step in (0, 10, 25, 40, 50)] == [
+        (0.0, 0.0), (0.0, 0.4), (0.0, 1.0), (pytest.approx(0.6), 1.0), (1.0, 1.0)]
     assert not BinarizationRamp(binary, 0.0).layers
-    ramp.set(0.3)
+    ramp.set(0.3, 0.2)
     with ramp.binary():
         assert all(m.binarization == 1.0 for m in ramp.layers)
-    assert all(m.binarization == 0.3 for m in ramp.layers)
-    ramp.set(1.0)
+    assert all((m.binarization, m.fp_side_weights) == (0.3, 0.2) for m in ramp.layers)
+    ramp.set(1.0, 1.0)
+
+
+def test_weights_first_side_is_the_fp_conv_with_binary_weights(fp_and_binary):
+    """Level 0 with the FP side's weights binarized: FP activations, mean|W| sign(W) weights of the FP conv."""
+    fp, binary = fp_and_binary
+    x = torch.randn(2, 32, 12, 12)
+    for name, layer in binary.named_modules():
+        if not isinstance(layer, ScalesConv2d):
+            continue
+        conv = fp.get_submodule(name)
+        w = conv.weight - (layer._identity_delta() if layer.use_skip else 0)
+        w_bin = w.abs().mean(dim=(1, 2, 3), keepdim=True) * torch.where(w >= 0, 1.0, -1.0)
+        expected = torch.nn.functional.conv2d(x, w_bin, conv.bias, padding=1) + (x if layer.use_skip else 0)
+        layer.set_binarization(0.0, 1.0)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+        layer.set_binarization(0.0, 0.5)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), 0.5 * (expected + conv(x)), rtol=1e-4, atol=1e-4)
+        layer.set_binarization(1.0)
 
 
 def test_fp_gain_round_trips_and_older_files_load(fp_and_binary, tmp_path):
@@ -126,6 +150,11 @@ def test_fp_gain_round_trips_and_older_files_load(fp_and_binary, tmp_path):
 def test_bad_progressive_value_names_the_option(value):
     with pytest.raises(SrbinarizeError, match="progressive"):
         load_recipe("scales").with_overrides(**{"train.progressive": value})
+
+
+def test_bad_progressive_order_names_the_option():
+    with pytest.raises(SrbinarizeError, match="progressive_order 'activations_first' is unknown"):
+        load_recipe("scales").with_overrides(**{"train.progressive_order": "activations_first"})
 
 
 def test_bad_level_is_refused(fp_and_binary):

@@ -26,9 +26,11 @@ a buffer, so it travels with the weights.
 Progressive binarization (`set_binarization`, driven by the end-to-end phase's ``train.progressive``):
 the layer outputs ``(1 - l) * fp(x) + l * binary(x)``, where ``fp`` is the FP layer the latent weight
 stands for: calibration scaled the latent weight by a per-output-channel gain (kept in the ``fp_gain``
-buffer), so ``fp(x) = conv(x, weight / fp_gain) + bias (+ x where the skip is on)``, which is the
-pretrained layer exactly until training moves the weight. ``l = 1`` (the default, and what export and
-inference see) is the binary layer alone; ``l = 0`` the FP one alone.
+buffer), so ``fp(x) = conv(x, W) + bias (+ x where the skip is on)`` with ``W = weight / fp_gain`` is
+the pretrained layer exactly until training moves the weight. ``l = 1`` (the default, and what export
+and inference see) is the binary layer alone; ``l = 0`` the FP one alone. A second level ``lw`` binarizes
+the weights of the FP side: ``W -> (1 - lw) * W + lw * mean|W| * sign(W)`` (FP activations, binary
+weights at ``lw = 1``: the first of two steps).
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class _ScalesBase(QuantLayer):
         # The calibration gain the latent weight carries (1 before calibration): weight / fp_gain is the FP weight.
         self.register_buffer("fp_gain", torch.ones(self.out_channels))
         self.binarization = 1.0  # l of the progressive ramp; 1: the deployed binary layer
+        self.fp_side_weights = 0.0  # lw: how far the FP side's weights are binarized
         self.spatial: nn.Module | None = None  # re-scaling branches, set by subclasses
         self.channel: nn.Module | None = None
 
@@ -177,18 +180,30 @@ class _ScalesBase(QuantLayer):
         w = sign_ste(self.weight, self._weight_window(), kind) if self.config.binarize_weights else self.weight
         return self._rescale(self._product(a, w) * self._per_out(self.output_scale()), x)
 
-    def set_binarization(self, level: float) -> None:
-        """Blend of the FP-equivalent (0) and the binary layer (1) in the forward pass."""
-        if not 0.0 <= level <= 1.0:
-            raise ValueError(f"binarization level must be in [0, 1], got {level!r}")
-        self.binarization = float(level)
+    def set_binarization(self, level: float, weights: float = 0.0) -> None:
+        """Blend of the FP-equivalent (``level`` 0) and the binary layer (1) in the forward pass; ``weights``:
+        how far the FP side's weights are binarized (0: FP, 1: mean|W| sign(W))."""
+        for name, value in (("binarization level", level), ("weight binarization level", weights)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        self.binarization, self.fp_side_weights = float(level), float(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         level = self.binarization
         if level >= 1.0:
             return self._finish(self._scaled_product(x), x)
-        fp = self._finish(self._product(x, self.weight / self._fp_gain_view()), x)
+        fp = self._finish(self._product(x, self._fp_side_weight()), x)
         return fp if level <= 0.0 else torch.lerp(fp, self._finish(self._scaled_product(x), x), level)
+
+    def _fp_side_weight(self) -> torch.Tensor:
+        """The FP weight the latent weight stands for, its weights binarized by ``fp_side_weights``."""
+        w = self.weight / self.fp_gain.view(-1, *[1] * (self.weight.dim() - 1))
+        if self.fp_side_weights <= 0.0:
+            return w
+        dims = tuple(range(1, w.dim()))
+        window = 2 * w.detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+        binary = w.abs().mean(dim=dims, keepdim=True) * sign_ste(w, window, self.config.ste)
+        return torch.lerp(w, binary, self.fp_side_weights)
 
     def _finish(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Bias and identity skip on top of the product."""
@@ -197,9 +212,6 @@ class _ScalesBase(QuantLayer):
         if self.use_skip:
             t = t + x
         return t
-
-    def _fp_gain_view(self) -> torch.Tensor:
-        return self.fp_gain.view(-1, *[1] * (self.weight.dim() - 1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Files written before fp_gain existed: their latent weights carry an unknown gain; 1 keeps them loadable

@@ -16,8 +16,11 @@ SteKind = Literal["clipped", "approx"]
 
 
 def sign_pm1(u: torch.Tensor) -> torch.Tensor:
-    """The binarization of the forward pass: +1 for u >= 0, -1 otherwise."""
-    return torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+    """The binarization of the forward pass: +1 for u >= 0, -1 otherwise (NaN included).
+
+    Written as ``2 * (u >= 0) - 1``: on CPU ``torch.where`` with scalar branches took 5x as long.
+    """
+    return (u >= 0).to(u.dtype).mul_(2).sub_(1)
 
 
 class _SignSTE(torch.autograd.Function):
@@ -29,15 +32,18 @@ class _SignSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # With v = u / window: d sign(v)/du = dv / window and d/dwindow = -dv * u / window^2, where dv is
+        # clipped: 1 inside |v| <= 1; approx (ApproxSign, Bi-Real Net): 2 - 2|v| inside [-1, 1].
+        # Few full-size passes: the activations' sign was a quarter of a training step on CPU.
         u, window = ctx.saved_tensors
-        v = u / window
-        # clipped: 1 inside [-1, 1]; approx (ApproxSign, Bi-Real Net): 2 - 2|v| inside [-1, 1]
-        dv = (v.abs() <= 1).to(grad.dtype) if ctx.kind == "clipped" else (2 - 2 * v.abs()).clamp_min(0)
-        g = grad * dv
+        if ctx.kind == "clipped":
+            g = grad * (u.abs() <= window.abs())
+        else:
+            g = grad * (2 - 2 * (u / window).abs()).clamp_min(0)
         grad_u = g / window if ctx.needs_input_grad[0] else None
         grad_window = None
         if ctx.needs_input_grad[1]:
-            grad_window = _sum_to_shape(-g * v / window, window.shape)
+            grad_window = _sum_to_shape(g * u, window.shape).div_(window * window).neg_()
         return grad_u, grad_window, None
 
 

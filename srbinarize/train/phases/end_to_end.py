@@ -78,29 +78,35 @@ def feature_layers(student: nn.Module, teacher: nn.Module) -> list[str]:
 class BinarizationRamp:
     """``train.progressive``: over the first ``share`` of the steps, every layer that offers
     ``set_binarization`` goes linearly from its FP equivalent (level 0 at step 0) to the binary layer (1);
-    from then on, and whenever the model is validated or saved, it is the binary layer alone."""
+    from then on, and whenever the model is validated or saved, it is the binary layer alone.
+    ``weights_first``: the first half of the ramp binarizes the FP side's weights, the second blends in the
+    binary layer (binary activations)."""
 
-    def __init__(self, student: nn.Module, share: float):
-        self.share = share
+    def __init__(self, student: nn.Module, share: float, order: str = "together"):
+        self.share, self.order = share, order
         self.layers = [m for m in student.modules() if hasattr(m, "set_binarization")] if share else []
 
-    def level(self, step: int, total: int) -> float:
+    def levels(self, step: int, total: int) -> tuple[float, float]:
+        """(blend level of the binary layer, binarization of the FP side's weights) at ``step`` of ``total``."""
         ramp = self.share * total
-        return 1.0 if step >= ramp else step / ramp
+        if step >= ramp:
+            return 1.0, 1.0
+        t = step / ramp
+        return (t, 0.0) if self.order == "together" else (max(0.0, 2 * t - 1), min(1.0, 2 * t))
 
-    def set(self, level: float) -> None:
+    def set(self, level: float, weights: float = 0.0) -> None:
         for layer in self.layers:
-            layer.set_binarization(level)
+            layer.set_binarization(level, weights)
 
     @contextmanager
     def binary(self) -> Iterator[None]:
-        levels = [layer.binarization for layer in self.layers]
-        self.set(1.0)
+        levels = [(layer.binarization, layer.fp_side_weights) for layer in self.layers]
+        self.set(1.0, 1.0)
         try:
             yield
         finally:
-            for layer, level in zip(self.layers, levels, strict=True):
-                layer.set_binarization(level)
+            for layer, (level, weights) in zip(self.layers, levels, strict=True):
+                layer.set_binarization(level, weights)
 
 
 class EndToEnd(Phase):
@@ -181,14 +187,14 @@ class EndToEnd(Phase):
                   f"{train.optimizer} lr {train.lr:g} {train.schedule}, warmup {plan['warmup_steps']}; loss: l1 "
                   f"{train.l1_weight:g}, distill {train.distill_weight:g}, feature {train.feature_distill_weight:g}, "
                   f"extra {dict(train.extra_losses)}")
-        ramp = BinarizationRamp(s.student, train.progressive)
+        ramp = BinarizationRamp(s.student, train.progressive, train.progressive_order)
         if ramp.layers:
-            s.log.say(f"progressive binarization: {len(ramp.layers)} layers blended from FP to binary over the first "
-                      f"{train.progressive:g} of the steps")
+            s.log.say(f"progressive binarization ({train.progressive_order}): {len(ramp.layers)} layers blended from "
+                      f"FP to binary over the first {train.progressive:g} of the steps")
         try:
             return self._train(s, plan, objective, start, ramp)
         finally:
-            ramp.set(1.0)
+            ramp.set(1.0, 1.0)
             for tap in taps:
                 tap.close()
 
@@ -216,7 +222,7 @@ class EndToEnd(Phase):
                     out_of_time = True
                     break
                 t_step = time.time()
-                ramp.set(ramp.level(step, total))
+                ramp.set(*ramp.levels(step, total))
                 value, parts, lr = self._step(s, next(loader), objective, step)
                 step += 1
                 s.count_step()
@@ -241,7 +247,7 @@ class EndToEnd(Phase):
                         self.checkpoint(s, step)
                         last_save = time.time()
         finally:
-            ramp.set(1.0)
+            ramp.set(1.0, 1.0)
             if bar is not None:
                 bar.close()
         if out_of_time and step == start == 0:
