@@ -229,11 +229,12 @@ void row_tiles(const ConvRow& a, const float* add) {
 }
 
 // The step count known at compile time for 3x3 windows of 64 channels (9) and concatenated windows of
-// 48 channels (7), the common cases.
+// 48 (7) and 50 or 52 channels (8), the common cases.
 template <int F>
 void row_tiles_steps(const ConvRow& a, const float* add) {
   switch (a.steps) {
     case 9: row_tiles<F, 9>(a, add); break;
+    case 8: row_tiles<F, 8>(a, add); break;
     case 7: row_tiles<F, 7>(a, add); break;
     default: row_tiles<F, 0>(a, add);
   }
