@@ -69,6 +69,13 @@ def test_pretrained_model_at_level_0_is_the_fp_model(name):
         torch.testing.assert_close(binary(x), y_fp, rtol=1e-4, atol=1e-4)
         BinarizationRamp(binary, 0.5).set(1.0)
         assert (binary(x) - y_fp).abs().mean() > 1e-3
+        # binary weights, FP activations (the first of two steps): calibrated, near the FP output, not far off
+        BinarizationRamp(binary, 0.5).set(0.0, 1.0)
+        err_side = (binary(x) - y_fp).abs().mean()
+        for m in _layers(binary):
+            m.fp_side_gain.fill_(1.0)
+        assert err_side < 0.5 * (binary(x) - y_fp).abs().mean()
+        BinarizationRamp(binary, 0.5).set(1.0)
 
 
 def test_each_layer_at_level_0_is_its_fp_conv(fp_and_binary):
@@ -113,7 +120,8 @@ def test_ramp_levels_and_binary_view(fp_and_binary):
 
 
 def test_weights_first_side_is_the_fp_conv_with_binary_weights(fp_and_binary):
-    """Level 0 with the FP side's weights binarized: FP activations, mean|W| sign(W) weights of the FP conv."""
+    """Level 0 with the FP side's weights binarized: FP activations, g * mean|W| sign(W) weights of the FP conv,
+    with g its own calibrated gain."""
     fp, binary = fp_and_binary
     x = torch.randn(2, 32, 12, 12)
     for name, layer in binary.named_modules():
@@ -122,6 +130,7 @@ def test_weights_first_side_is_the_fp_conv_with_binary_weights(fp_and_binary):
         conv = fp.get_submodule(name)
         w = conv.weight - (layer._identity_delta() if layer.use_skip else 0)
         w_bin = w.abs().mean(dim=(1, 2, 3), keepdim=True) * torch.where(w >= 0, 1.0, -1.0)
+        w_bin = w_bin * layer.fp_side_gain.view(-1, 1, 1, 1)
         expected = torch.nn.functional.conv2d(x, w_bin, conv.bias, padding=1) + (x if layer.use_skip else 0)
         layer.set_binarization(0.0, 1.0)
         with torch.no_grad():
@@ -135,15 +144,16 @@ def test_weights_first_side_is_the_fp_conv_with_binary_weights(fp_and_binary):
 def test_fp_gain_round_trips_and_older_files_load(fp_and_binary, tmp_path):
     _fp, binary = fp_and_binary
     state = binary.state_dict()
-    gains = {k: v for k, v in state.items() if k.endswith("fp_gain")}
-    assert len(gains) == len(_layers(binary))
+    gains = {k: v for k, v in state.items() if k.endswith(("fp_gain", "fp_side_gain"))}
+    assert len(gains) == 2 * len(_layers(binary))
     fresh = srbinarize.convert(edsr(num_feat=32).eval(), "scales", calibrate=False)
     fresh.load_state_dict(state)
     for k, v in gains.items():
         assert torch.equal(fresh.state_dict()[k], v)
-    older = {k: v for k, v in state.items() if not k.endswith("fp_gain")}  # written before fp_gain existed
+    older = {k: v for k, v in state.items() if k not in gains}  # written before the gains existed
     fresh.load_state_dict(older)
-    assert all(torch.equal(m.fp_gain, torch.ones_like(m.fp_gain)) for m in _layers(fresh))
+    assert all(torch.equal(m.fp_gain, torch.ones_like(m.fp_gain)) and torch.equal(m.fp_side_gain, m.fp_gain)
+               for m in _layers(fresh))
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), True, "half"])

@@ -30,7 +30,8 @@ buffer), so ``fp(x) = conv(x, W) + bias (+ x where the skip is on)`` with ``W = 
 the pretrained layer exactly until training moves the weight. ``l = 1`` (the default, and what export
 and inference see) is the binary layer alone; ``l = 0`` the FP one alone. A second level ``lw`` binarizes
 the weights of the FP side: ``W -> (1 - lw) * W + lw * mean|W| * sign(W)`` (FP activations, binary
-weights at ``lw = 1``: the first of two steps).
+weights at ``lw = 1``: the first of two steps), with ``fp_side_gain`` fitted at calibration like the
+binary layer's gain, so that ``lw = 1`` starts calibrated too.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class _ScalesBase(QuantLayer):
         self.register_buffer("skip_on", torch.tensor(config.skip == "always" and self.same_shape))
         # The calibration gain the latent weight carries (1 before calibration): weight / fp_gain is the FP weight.
         self.register_buffer("fp_gain", torch.ones(self.out_channels))
+        # Least-squares gain of the FP side's binarized weights on FP inputs (progressive weights_first).
+        self.register_buffer("fp_side_gain", torch.ones(self.out_channels))
         self.binarization = 1.0  # l of the progressive ramp; 1: the deployed binary layer
         self.fp_side_weights = 0.0  # lw: how far the FP side's weights are binarized
         self.spatial: nn.Module | None = None  # re-scaling branches, set by subclasses
@@ -197,13 +200,19 @@ class _ScalesBase(QuantLayer):
 
     def _fp_side_weight(self) -> torch.Tensor:
         """The FP weight the latent weight stands for, its weights binarized by ``fp_side_weights``."""
-        w = self.weight / self.fp_gain.view(-1, *[1] * (self.weight.dim() - 1))
+        w = self.weight / self._per_weight(self.fp_gain)
         if self.fp_side_weights <= 0.0:
             return w
+        return torch.lerp(w, self._per_weight(self.fp_side_gain) * self._binarized(w), self.fp_side_weights)
+
+    def _binarized(self, w: torch.Tensor) -> torch.Tensor:
+        """mean|w| * sign(w) per output channel, with the weights' STE window."""
         dims = tuple(range(1, w.dim()))
         window = 2 * w.detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
-        binary = w.abs().mean(dim=dims, keepdim=True) * sign_ste(w, window, self.config.ste)
-        return torch.lerp(w, binary, self.fp_side_weights)
+        return w.abs().mean(dim=dims, keepdim=True) * sign_ste(w, window, self.config.ste)
+
+    def _per_weight(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *[1] * (self.weight.dim() - 1))
 
     def _finish(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Bias and identity skip on top of the product."""
@@ -214,9 +223,10 @@ class _ScalesBase(QuantLayer):
         return t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Files written before fp_gain existed: their latent weights carry an unknown gain; 1 keeps them loadable
+        # Files written before these gains existed: their latent weights carry an unknown gain; 1 keeps them loadable
         # (only the progressive ramp reads it).
-        state_dict.setdefault(prefix + "fp_gain", torch.ones_like(self.fp_gain))
+        for name in ("fp_gain", "fp_side_gain"):
+            state_dict.setdefault(prefix + name, torch.ones_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -236,7 +246,10 @@ class _ScalesBase(QuantLayer):
             if with_skip >= without:
                 self.weight += self._identity_delta()
             self.skip_on.fill_(with_skip < without)
-        self._fit(x, target - x if self.use_skip else target, apply=True)
+        target = target - x if self.use_skip else target
+        self._fit(x, target, apply=True)
+        fp_side = self._product(x, self._binarized(self.weight / self._per_weight(self.fp_gain)))
+        self.fp_side_gain.copy_(self._gain(fp_side, target))
 
     def _fit(self, x: torch.Tensor, target: torch.Tensor, apply: bool = False) -> float:
         """Least-squares gain per output channel of the latent weight; returns the remaining squared error.
@@ -245,13 +258,17 @@ class _ScalesBase(QuantLayer):
         so scaling the weight by the gain scales the output by it.
         """
         t = self._scaled_product(x)
-        dims = self._reduce_dims(t)
-        gain = (t * target).sum(dim=dims) / (t * t).sum(dim=dims).clamp_min(1e-12)
-        gain = torch.where(torch.isfinite(gain) & (gain != 0), gain, torch.ones_like(gain))
+        gain = self._gain(t, target)
         if apply:
-            self.weight.mul_(gain.view(-1, *[1] * (self.weight.dim() - 1)))
+            self.weight.mul_(self._per_weight(gain))
             self.fp_gain.mul_(gain)
         return float((target - t * self._per_out(gain)).pow(2).sum())
+
+    def _gain(self, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel least-squares factor of ``t`` towards ``target`` (1 where it is 0 or undefined)."""
+        dims = self._reduce_dims(t)
+        gain = (t * target).sum(dim=dims) / (t * t).sum(dim=dims).clamp_min(1e-12)
+        return torch.where(torch.isfinite(gain) & (gain != 0), gain, torch.ones_like(gain))
 
     @property
     def has_rescaling(self) -> bool:
