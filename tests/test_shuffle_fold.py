@@ -14,7 +14,7 @@ from torch import nn
 
 import srbinarize
 from srbinarize.export.onnx import export_onnx
-from srbinarize.runtime import ort_session
+from srbinarize.runtime import DOMAIN, ort_session
 
 
 class ShuffleTail(nn.Module):
@@ -65,19 +65,16 @@ def test_no_fold_where_it_would_not_pay_or_is_not_linear(feat, act, tmp_path):
     assert report.shuffle_folded == [] and ops(report.path).count("Conv") == 3
 
 
-def test_binary_edsr_with_int8_remainder_folds_and_shuffles_uint8(tmp_path):
-    """EDSR x2 (32 features): conv_last folds into upsample.0, which runs as QLinearConv; the shuffle moves
-    uint8 codes (dequantized after it), and the output stays within the int8 remainder's tolerance."""
+def test_binary_edsr_with_int8_remainder_folds_into_shuffle_taps(tmp_path):
+    """EDSR x2 (32 features): conv_last folds into upsample.0, which runs as QLinearConv, and its uint8 output
+    goes straight into ShuffleTaps; the output stays within the int8 remainder's tolerance."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2, num_feat=32), "scales").eval())
     calib = set5_crops((24, 24), n=4)
     fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
     q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib)
     assert fp.shuffle_folded == q.shuffle_folded == ["upsample.0 + conv_last"]
     assert q.int8 == ["conv_first", "upsample.0"] and not any(line.startswith("conv_last:") for line in q.fp)
-    graph = onnx.load(str(q.path)).graph
-    producer = {o: n for n in graph.node for o in n.output}
-    shuffle = next(n for n in graph.node if n.op_type == "DepthToSpace")
-    assert producer[shuffle.input[0]].op_type == "QuantizeLinear"
+    assert "DepthToSpace" not in ops(q.path) and ops(q.path).count("ShuffleTaps") == 1
     optimized = tmp_path / "q_opt.onnx"
     ort_session(q.path, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                 optimized_model_filepath=str(optimized))
@@ -90,3 +87,103 @@ def test_binary_edsr_with_int8_remainder_folds_and_shuffles_uint8(tmp_path):
     y = ort_session(q.path).run(None, {"x": x.numpy()})[0]
     err, span = np.abs(y - ref), float(ref.max() - ref.min())
     assert 0 < err.mean() <= 0.01 * span and np.sqrt((err**2).mean()) <= 0.02 * span and err.max() <= 0.25 * span
+
+
+class ShuffleOut(nn.Module):
+    """A network that ends in conv -> PixelShuffle (EFDN, FMEN, ...): nothing to fold, the shuffle is the output."""
+
+    def __init__(self, feat: int = 16, r: int = 2):
+        super().__init__()
+        self.head = nn.Conv2d(3, feat, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(feat, feat, 3, padding=1), nn.ReLU(), nn.Conv2d(feat, feat, 3, padding=1))
+        self.up = nn.Conv2d(feat, 3 * r * r, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(r)
+
+    def forward(self, x):
+        h = self.head(x)
+        return self.shuffle(self.up(h + self.body(h)))
+
+
+def test_int8_remainder_shuffles_uint8_codes_and_dequantizes_after(tmp_path):
+    model = srbinarize.convert(ShuffleOut().eval(), "scales")
+    calib = set5_crops((24, 24), n=4)
+    q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib)
+    assert "up" in q.int8 and not q.shuffle_folded
+    graph = onnx.load(str(q.path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    shuffle = next(n for n in graph.node if n.op_type == "DepthToSpace")
+    assert producer[shuffle.input[0]].op_type == "QuantizeLinear"
+    assert [n.op_type for n in graph.node if shuffle.output[0] in n.input] == ["DequantizeLinear"]
+    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
+    x = set5_crops((20, 28), n=2).numpy()
+    ref = ort_session(fp.path).run(None, {"x": x})[0]
+    err, span = np.abs(ort_session(q.path).run(None, {"x": x})[0] - ref), float(ref.max() - ref.min())
+    assert 0 < err.mean() <= 0.01 * span and err.max() <= 0.25 * span
+
+
+def _custom_form(fp_path, tmp_path, name: str):
+    """The FP file with its tap sums as the srbinarize ShuffleTaps op; returns (path, folded pairs)."""
+    from srbinarize.export.shuffle_fold import fold_shuffle_convs
+
+    proto = onnx.load(str(fp_path))
+    folded = fold_shuffle_convs(proto.graph, DOMAIN)
+    proto.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    path = tmp_path / name
+    onnx.save(proto, str(path))
+    return path, folded
+
+
+@pytest.mark.parametrize(("r", "k_out"), [(2, 3), (3, 5), (4, 1)])
+def test_shuffle_taps_op_equals_the_standard_ops(r, k_out, tmp_path):
+    """The op sums the taps in the standard form's order: the same floats, at any size and batch."""
+    from srbinarize.export.qdq import fp32_onnx
+
+    torch.manual_seed(1)
+    model = ShuffleTail(feat=k_out * k_out * 3 + 2, r=r, k_out=k_out).eval()
+    standard = export_onnx(model, tmp_path / "standard.onnx", torch.rand(1, 3, 8, 8))
+    assert standard.shuffle_folded and "ShuffleTaps" not in ops(standard.path)  # no binary op: standard ops
+    custom, folded = _custom_form(fp32_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 8, 8)), tmp_path, "c.onnx")
+    assert len(folded) == 1 and ops(custom).count("ShuffleTaps") == 1 and "DepthToSpace" not in ops(custom)
+    a, b = ort_session(standard.path), ort_session(custom)
+    for shape in ((1, 3, 7, 11), (2, 3, 16, 16), (1, 3, 1, 5)):
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        assert np.array_equal(a.run(None, {"x": x})[0], b.run(None, {"x": x})[0]), shape
+
+
+def test_shuffle_taps_reads_uint8_codes_as_their_dequantized_values(tmp_path):
+    model = with_active_branches(srbinarize.convert(edsr(num_block=1, num_feat=32), "scales").eval())
+    q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8",
+                    calibration_data=set5_crops((24, 24), n=4))
+    proto = onnx.load(str(q.path))
+    taps = next(n for n in proto.graph.node if n.op_type == "ShuffleTaps")
+    assert len(taps.input) == 3  # codes, scale, zero point: no DequantizeLinear before it
+    codes, scale, zero = list(taps.input)
+    proto.graph.node.insert(list(proto.graph.node).index(taps), onnx.helper.make_node(
+        "DequantizeLinear", [codes, scale, zero], ["dequantized"], name="explicit_dq"))
+    del taps.input[:]
+    taps.input.append("dequantized")
+    onnx.save(proto, str(tmp_path / "dq.onnx"))
+    x = set5_crops((20, 28), n=2).numpy()
+    y = ort_session(q.path).run(None, {"x": x})[0]
+    assert np.array_equal(y, ort_session(tmp_path / "dq.onnx").run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize(("dtype", "channels", "inputs", "needle"), [
+    (onnx.TensorProto.FLOAT, 10, 1, "input 'V' must be [N, 108, h, w]"),
+    (onnx.TensorProto.UINT8, 108, 1, "needs inputs 'scale' (float32) and 'zero_point' (uint8)"),
+    (onnx.TensorProto.INT32, 108, 1, "must be float32 or uint8 codes, got int32"),
+])
+def test_shuffle_taps_bad_input_names_the_node(dtype, channels, inputs, needle, tmp_path):
+    from onnx import helper
+
+    node = helper.make_node("ShuffleTaps", ["v"][:inputs], ["y"], name="tail_taps", domain=DOMAIN, blocksize=2,
+                            kernel=3, colours=3)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("v", dtype, [1, channels, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(Exception, match=r"ShuffleTaps node 'tail_taps'") as err:
+        session = ort_session(tmp_path / "bad.onnx")
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        session.run(None, {"v": np.zeros((1, channels, 4, 4), np_type)})
+    assert needle in str(err.value)

@@ -1,4 +1,4 @@
-// onnxruntime custom ops of the "srbinarize" domain: BinaryConv2d and BinaryLinear (see README.md).
+// onnxruntime custom ops of the "srbinarize" domain: BinaryConv2d, BinaryLinear and ShuffleTaps (see README.md).
 //
 // Built against the onnxruntime C/C++ API headers only: the library gets the API table from
 // RegisterCustomOps' OrtApiBase (ORT_API_MANUAL_INIT) and does not link libonnxruntime.
@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -883,6 +884,122 @@ struct BinaryLinearOp : Ort::CustomOpBase<BinaryLinearOp, LinearKernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// ------------------------------------------------------------------------------------------------
+// ShuffleTaps: the end of an upsampler whose output conv was folded into the conv before the pixel
+// shuffle (srbinarize/export/shuffle_fold.py). V holds, per tap t of the k x k output conv, colour o and
+// sub-pixel phase, channel (t * O + o) * r^2 + phase (DepthToSpace CRD order); the op is
+//   Y[n, o, P, Q] = sum_t M[n, t * O + o, P + dy_t - k/2, Q + dx_t - k/2],  M = DepthToSpace_r(V), 0 outside,
+// the taps summed in order t = 0 .. k^2 - 1, as the standard-op form (Pad, Slice, Add) does. Per LR row and
+// output phase each tap is a shifted LR row of one V plane, so the loops run over contiguous memory and
+// the shuffled tensor is never written. V is float32, or uint8 codes with a scale and zero point (per tensor).
+// ------------------------------------------------------------------------------------------------
+
+class ShuffleTapsKernel {
+ public:
+  explicit ShuffleTapsKernel(const OrtKernelInfo* raw_info) {
+    Ort::ConstKernelInfo info(raw_info);
+    node_.prefix = "ShuffleTaps node '" + info.GetNodeName() + "': ";
+    r_ = node_.IntAttribute(info, "blocksize", nullptr, 1, 64);
+    k_ = node_.IntAttribute(info, "kernel", nullptr, 1, 15);
+    colours_ = node_.IntAttribute(info, "colours", nullptr, 1, 1 << 16);
+    if (k_ % 2 == 0) node_.Fail("attribute 'kernel' must be odd, got " + std::to_string(k_));
+    const auto type = info.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetElementType();
+    codes_ = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    if (!codes_ && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      node_.Fail("input 'V' must be float32 or uint8 codes, got " + Node::TypeName(type));
+    if (codes_ && info.GetInputCount() < 3)
+      node_.Fail("uint8 input 'V' needs inputs 'scale' (float32) and 'zero_point' (uint8)");
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard([&] { codes_ ? Compute<uint8_t>(context) : Compute<float>(context); });
+  }
+
+ private:
+  template <class T>
+  void Compute(OrtKernelContext* context) const;
+
+  Node node_;
+  int64_t r_ = 1, k_ = 1, colours_ = 1;
+  bool codes_ = false;
+};
+
+template <class T>
+void ShuffleTapsKernel::Compute(OrtKernelContext* context) const {
+  Ort::KernelContext ctx(context);
+  const Node::Input v = node_.Get(ctx, 0);
+  const int64_t r = r_, k = k_, O = colours_, taps = k * k, half = k / 2;
+  if (v.shape.size() != 4 || v.shape[1] != taps * O * r * r)
+    node_.Fail("input 'V' must be [N, " + std::to_string(taps * O * r * r) + ", h, w] (kernel^2 x colours x " +
+               "blocksize^2 channels), got " + ShapeString(v.shape));
+  float scale = 1.0f, zero = 0.0f;
+  if (codes_) {
+    const Node::Input s = node_.Get(ctx, 1), z = node_.Get(ctx, 2);
+    if (!s.data || !z.data || s.shape.size() > 1 || z.shape.size() > 1 ||
+        (s.shape.size() == 1 && s.shape[0] != 1) || (z.shape.size() == 1 && z.shape[0] != 1))
+      node_.Fail("inputs 'scale' and 'zero_point' must be scalars (one per tensor)");
+    scale = *static_cast<const float*>(s.data);
+    zero = float(*static_cast<const uint8_t*>(z.data));
+  }
+  const int64_t N = v.shape[0], h = v.shape[2], w = v.shape[3];
+  float* y = ctx.GetOutput(0, Shape{N, O, h * r, w * r}).GetTensorMutableData<float>();
+  if (N * h * w == 0) return;
+  const T* vd = static_cast<const T*>(v.data);
+  const int64_t plane = h * w;
+  std::atomic<bool> out_of_memory{false};
+
+  // One task: LR row i of colour o in image n, all r x r phases (r output rows).
+  auto run_row = [&](size_t task) {
+    const int64_t i = int64_t(task) % h, o = int64_t(task) / h % O, n = int64_t(task) / (h * O);
+    thread_local std::vector<float> acc;
+    try {
+      acc.assign(size_t(r * r * w), 0.0f);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+      return;
+    }
+    for (int64_t a = 0; a < r; ++a)
+      for (int64_t b = 0; b < r; ++b) {
+        float* out = acc.data() + (a * r + b) * w;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t ey = a + t / k - half, ex = b + t % k - half;  // HR offset from phase (a, b)
+          const int64_t sy = ey >= 0 ? ey / r : -((-ey + r - 1) / r), sx = ex >= 0 ? ex / r : -((-ex + r - 1) / r);
+          const int64_t pa = ey - sy * r, pb = ex - sx * r, row = i + sy;
+          if (row < 0 || row >= h) continue;
+          const T* src = vd + (n * v.shape[1] + (t * O + o) * r * r + pa * r + pb) * plane + row * w;
+          const int64_t j0 = std::max<int64_t>(0, -sx), j1 = std::min<int64_t>(w, w - sx);
+          if constexpr (std::is_same_v<T, uint8_t>) {
+            for (int64_t j = j0; j < j1; ++j) out[j] += (float(src[j + sx]) - zero) * scale;
+          } else {
+            for (int64_t j = j0; j < j1; ++j) out[j] += src[j + sx];
+          }
+        }
+      }
+    for (int64_t a = 0; a < r; ++a) {
+      float* dst = y + ((n * O + o) * h * r + i * r + a) * (w * r);
+      for (int64_t j = 0; j < w; ++j)
+        for (int64_t b = 0; b < r; ++b) dst[j * r + b] = acc[(a * r + b) * w + j];
+    }
+  };
+  ParallelFor(ctx, size_t(N * O * h), run_row);
+  if (out_of_memory) throw std::bad_alloc();
+}
+
+struct ShuffleTapsOp : Ort::CustomOpBase<ShuffleTapsOp, ShuffleTapsKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return Guard([&] { *kernel = new ShuffleTapsKernel(info); });
+  }
+  const char* GetName() const { return "ShuffleTaps"; }
+  // V, scale? (uint8 V), zero_point? (uint8 V)
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i >= 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 }  // namespace
 }  // namespace srb
 
@@ -896,6 +1013,7 @@ SRB_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   Ort::InitApi(api);
   static srb::BinaryConv2dOp conv_op;
   static srb::BinaryLinearOp linear_op;
+  static srb::ShuffleTapsOp shuffle_taps_op;
   // Domains must outlive every session that uses them: keep them until the library is unloaded.
   static std::vector<Ort::CustomOpDomain> domains;
   static std::mutex mutex;
@@ -903,6 +1021,7 @@ SRB_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
     Ort::CustomOpDomain domain(srb::kDomain);
     domain.Add(&conv_op);
     domain.Add(&linear_op);
+    domain.Add(&shuffle_taps_op);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(mutex);
     domains.push_back(std::move(domain));

@@ -722,9 +722,9 @@ def _remainder_int8(proto: onnx.ModelProto, names: list[str], batch: np.ndarray,
 
 
 def _shuffle_before_dequantizing(graph: onnx.GraphProto) -> None:
-    """``DequantizeLinear -> DepthToSpace`` as ``DepthToSpace -> DequantizeLinear``: a per-tensor dequantization
-    commutes with the shuffle, which then moves uint8 instead of float (a third of the time, measured on the
-    EDSR x2 upsampler), and the result is the same."""
+    """A per-tensor ``DequantizeLinear`` commutes with a shuffle: ``DequantizeLinear -> DepthToSpace`` becomes
+    ``DepthToSpace -> DequantizeLinear``, which moves uint8 instead of float (a third of the time, measured
+    on the EDSR x2 upsampler), and ``ShuffleTaps`` reads the codes with their scale and zero point itself."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -732,17 +732,22 @@ def _shuffle_before_dequantizing(graph: onnx.GraphProto) -> None:
     outputs = {o.name for o in graph.output}
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
         users = consumers.get(dq.output[0], [])
-        if len(users) != 1 or users[0].op_type != "DepthToSpace" or dq.output[0] in outputs:
-            continue
-        shuffle = users[0]
-        if (any(a.name == "axis" for a in dq.attribute) or len(consumers.get(dq.input[0], [])) != 1
-                or any(n.op_type == "QuantizeLinear" for n in consumers.get(shuffle.output[0], []))):
-            continue  # per-channel scales do not commute; re-quantized after it, onnxruntime drops the pair itself
-        shuffled = shuffle.output[0]
-        shuffle.input[0], shuffle.output[0] = dq.input[0], f"{shuffled}.shuffled_codes"
-        dq.input[0], dq.output[0] = f"{shuffled}.shuffled_codes", shuffled
-        graph.node.remove(dq)
-        graph.node.insert(list(graph.node).index(shuffle) + 1, dq)
+        if (len(users) != 1 or dq.output[0] in outputs or any(a.name == "axis" for a in dq.attribute)
+                or len(consumers.get(dq.input[0], [])) != 1):
+            continue  # per-channel scales do not commute; a shared code tensor stays as it is
+        user = users[0]
+        if user.op_type == "ShuffleTaps" and user.domain == DOMAIN:
+            del user.input[:]
+            user.input.extend(dq.input)
+            graph.node.remove(dq)
+        elif user.op_type == "DepthToSpace" and not any(
+                n.op_type == "QuantizeLinear" for n in consumers.get(user.output[0], [])):
+            # (re-quantized after the shuffle, onnxruntime drops the pair itself)
+            shuffled = user.output[0]
+            user.input[0], user.output[0] = dq.input[0], f"{shuffled}.shuffled_codes"
+            dq.input[0], dq.output[0] = f"{shuffled}.shuffled_codes", shuffled
+            graph.node.remove(dq)
+            graph.node.insert(list(graph.node).index(user) + 1, dq)
 
 
 def export_onnx(
@@ -821,9 +826,10 @@ def export_onnx(
 
 
 def _fold_upsampler(proto: onnx.ModelProto, report: ExportReport) -> None:
-    """`fold_shuffle_convs`, with the folded output conv taken off the report's FP lists."""
+    """`fold_shuffle_convs` (its tap sums one srbinarize op where the file has binary ops, else standard
+    ops), with the folded output conv taken off the report's FP lists."""
     module = {f"{name}.weight": name for name in report.fp_convs}
-    for first, second in fold_shuffle_convs(proto.graph):
+    for first, second in fold_shuffle_convs(proto.graph, DOMAIN if report.packed else None):
         up, out = module.get(first, first), module.get(second, second)
         report.shuffle_folded.append(f"{up} + {out}")
         report.fp_convs = [name for name in report.fp_convs if name != out]

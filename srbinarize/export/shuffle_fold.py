@@ -40,9 +40,13 @@ def _plain_same_conv(node: onnx.NodeProto, weight: np.ndarray) -> bool:
             and list(a.get("pads", [0, 0, 0, 0])) == [k // 2] * 4 and a.get("auto_pad", b"NOTSET") == b"NOTSET")
 
 
-def fold_shuffle_convs(graph: onnx.GraphProto) -> list[tuple[str, str]]:
+def fold_shuffle_convs(graph: onnx.GraphProto, custom_domain: str | None = None) -> list[tuple[str, str]]:
     """Rewrite each foldable ``Conv -> DepthToSpace(CRD) -> Conv`` in ``graph``; returns the (first, second)
     conv weight names folded. Both convs need constant weights (and biases) and single consumers between them.
+
+    The tap sums are standard ops (Pad, Slice, Add after the DepthToSpace), or with ``custom_domain`` (a file
+    that loads the srbinarize kernel library anyway) one ``ShuffleTaps`` op of that domain, which reads the
+    merged conv's output once and never writes the shuffled tensor.
     """
     inits = {i.name: i for i in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -77,15 +81,20 @@ def fold_shuffle_convs(graph: onnx.GraphProto) -> list[tuple[str, str]]:
                 else np.zeros(w_up.shape[0]))
         b_out = (numpy_helper.to_array(inits[out.input[2]]).astype(np.float64) if len(out.input) > 2
                  else np.zeros(colours))
-        _rewrite(graph, up, shuffle, out, inits, w_up, b_up, w_out, b_out, r)
+        _merge(graph, up, out, inits, w_up, b_up, w_out, b_out, r)
+        if custom_domain is None:
+            _standard_taps(graph, shuffle, out, k, colours)
+        else:
+            _custom_taps(graph, shuffle, out, k, colours, r, custom_domain)
         folded.append((up.input[1], out.input[1]))
     return folded
 
 
-def _rewrite(graph: onnx.GraphProto, up: onnx.NodeProto, shuffle: onnx.NodeProto, out: onnx.NodeProto,
-             inits: dict, w_up: np.ndarray, b_up: np.ndarray, w_out: np.ndarray, b_out: np.ndarray, r: int) -> None:
+def _merge(graph: onnx.GraphProto, up: onnx.NodeProto, out: onnx.NodeProto, inits: dict, w_up: np.ndarray,
+           b_up: np.ndarray, w_out: np.ndarray, b_out: np.ndarray, r: int) -> None:
+    """Give ``up`` the merged weights and bias; ``out``'s constants go."""
     colours, channels, k = w_out.shape[0], w_out.shape[1], w_out.shape[-1]
-    taps, p = k * k, k // 2
+    taps = k * k
     # Merged output channel (t * O + o) * r^2 + phase: tap t of colour o at sub-pixel phase, DepthToSpace CRD order.
     wo = w_out.reshape(colours, channels, taps)
     wu = w_up.reshape(channels, r * r, *w_up.shape[1:])
@@ -101,6 +110,10 @@ def _rewrite(graph: onnx.GraphProto, up: onnx.NodeProto, shuffle: onnx.NodeProto
     del up.input[1:]
     up.input.extend([weight_name, bias_name])
 
+
+def _standard_taps(graph: onnx.GraphProto, shuffle: onnx.NodeProto, out: onnx.NodeProto, k: int, colours: int) -> None:
+    """``out`` replaced by Pad, one Slice per tap of the shuffled merged output, and Adds."""
+    taps, p = k * k, k // 2
     index = list(graph.node).index(out)
     graph.node.remove(out)
     if k == 1:  # one tap: the shuffled merged conv is the output
@@ -131,3 +144,14 @@ def _rewrite(graph: onnx.GraphProto, up: onnx.NodeProto, shuffle: onnx.NodeProto
         total = tap
     for offset, node in enumerate(nodes):
         graph.node.insert(index + offset, node)
+
+
+def _custom_taps(graph: onnx.GraphProto, shuffle: onnx.NodeProto, out: onnx.NodeProto, k: int, colours: int, r: int,
+                 domain: str) -> None:
+    """``shuffle`` and ``out`` replaced by one ``ShuffleTaps`` op reading the merged conv's output."""
+    node = helper.make_node("ShuffleTaps", [shuffle.input[0]], [out.output[0]], name=out.name or out.output[0],
+                            domain=domain, blocksize=r, kernel=k, colours=colours)
+    index = list(graph.node).index(shuffle)
+    graph.node.remove(shuffle)
+    graph.node.remove(out)
+    graph.node.insert(index, node)
