@@ -15,7 +15,8 @@ it is one conv on the low-resolution ``h`` with ``k^2 * O * r^2`` outputs (``O``
 with zero padding (exactly ``conv_out``'s), and ``conv_out``'s bias added to the centre tap, which never
 reads padding. The fold is applied where it lowers the MACs (``k^2 * O < C``, the shuffled channels): it
 replaces the ``C * r^2``-channel tensor by a ``k^2 * O * r^2``-channel one and the output-resolution conv
-by slices and adds. Exact up to float rounding (the merged weights are computed in float64).
+by tap sums: standard Pad, Slice and Add ops, or the kernel library's ``ShuffleTaps`` op (the same floats in
+one pass, without writing the shuffled tensor). Exact up to float rounding (merged weights in float64).
 """
 
 from __future__ import annotations
