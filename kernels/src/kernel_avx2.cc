@@ -258,7 +258,8 @@ inline void quad_counts_split(int steps, const uint64_t* xlo, const uint64_t* xh
         for (int v = 0; v < 2; ++v) {
           const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(_mm256_load_si256(xl + v), wl));
           const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(_mm256_load_si256(xh + v), wh));
-          acc[oc][v] = _mm256_add_epi8(_mm256_add_epi8(acc[oc][v], l), h);
+          acc[oc][v] = _mm256_add_epi8(acc[oc][v], _mm256_add_epi8(l, h));
+          asm("" : "+x"(acc[oc][v]));  // keeps the accumulator in a register (GCC 12 spilled some)
         }
       }
     }
