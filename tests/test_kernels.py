@@ -202,7 +202,7 @@ def test_conv_residual_and_activation_epilogue(path, c, o, hw, act):
 @pytest.mark.parametrize("add", ["none", "skip", "residual"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_conv_epilogue_shapes_exact(path, with_bias, add, act):
-    """Every epilogue without spatial map or channel scale (the AVX-512 rows compile each such shape
+    """Every epilogue without spatial map or channel scale (the AVX-512 and AVX2 rows compile each such shape
     separately) equals the op's fp32 order computed by NumPy bit for bit, for channel counts whose
     windows are concatenated (12, 24, 48, 50) or not (64, 80), and widths with partial tiles."""
     for case, (c, hw) in enumerate([(64, (6, 37)), (48, (5, 16)), (50, (4, 70)), (24, (3, 33)), (12, (5, 9)),
@@ -231,6 +231,27 @@ def test_conv_epilogue_shapes_exact(path, with_bias, add, act):
         elif act == "prelu":
             t = np.where(t < 0, t * slope[None, :, None, None], t)
         np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
+
+
+@pytest.mark.parametrize(("c", "o", "k", "hw"), [(260, 6, 3, (4, 41)), (130, 9, 5, (6, 35)), (200, 4, 3, (3, 8))])
+def test_conv_long_windows_exact(path, c, o, k, hw):
+    """Windows of many words: more steps than one byte counter holds (the AVX2 rows widen their byte
+    counts every 31 steps) and more than the AVX2 rows split per chunk (64); bias, residual and ReLU
+    fused, output channels not a multiple of 4, partial tiles: bit for bit the op's fp32 order."""
+    rng = np.random.default_rng(c + o + k)
+    n = 2
+    x = rng.standard_normal((n, c, *hw)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (o, c, k, k))
+    scale = rng.uniform(0.01, 0.1, o).astype(np.float32)
+    bias = rng.standard_normal(o).astype(np.float32)
+    res = rng.standard_normal((n, o, *hw)).astype(np.float32)
+    model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(k, k), in_channels=c, residual=True,
+                       relu=1)
+    y = ort_session(model).run(None, {"X": x, "residual": res})[0]
+    t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None] + bias[None, :, None, None]
+    t = t + res
+    np.testing.assert_array_equal(y, np.where(t < 0, np.float32(0), t))
 
 
 @pytest.mark.parametrize(("c", "o", "hw"), [(24, 24, (9, 13)), (64, 64, (5, 67)), (70, 5, (4, 33)), (3, 8, (1, 1))])
