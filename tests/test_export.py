@@ -60,7 +60,8 @@ def check_parity(model, path, sizes=((24, 24), (17, 29))) -> None:
 
 
 def binary_nodes(path) -> list[onnx.NodeProto]:
-    return [n for n in onnx.load(str(path)).graph.node if n.domain == DOMAIN]
+    """The binary ops of a file (its srbinarize nodes other than the upsampler's ShuffleTaps)."""
+    return [n for n in onnx.load(str(path)).graph.node if n.domain == DOMAIN and n.op_type != "ShuffleTaps"]
 
 
 CASES = {
@@ -229,13 +230,15 @@ def test_int8_remainder_runs_as_qlinearconv_within_tolerance(tmp_path):
     calib = set5_crops((24, 24), n=4)
     fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
     q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib)
-    assert q.int8 == ["conv_first", "upsample.0", "conv_last"] and not fp.int8
-    assert not any(line.startswith(("conv_first:", "upsample.0:", "conv_last:")) for line in q.fp)
+    # conv_first (3->16 3x3: 27 products per output) stays FP32, measured faster than int8 for so few
+    assert q.int8 == ["upsample.0", "conv_last"] and not fp.int8
+    assert not any(line.startswith(("upsample.0:", "conv_last:")) for line in q.fp)
+    assert any(line.startswith("conv_first:") and "FP32 in the int8 remainder" in line for line in q.fp)
     optimized = tmp_path / "q_opt.onnx"
     ort_session(q.path, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                 optimized_model_filepath=str(optimized))
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
-    assert ops.count("QLinearConv") == 3 and "Conv" not in ops
+    assert ops.count("QLinearConv") == 2
     x = set5_crops((20, 28), n=2).numpy()
     ref = ort_session(fp.path).run(None, {"x": x})[0]
     y = ort_session(q.path).run(None, {"x": x})[0]
