@@ -96,7 +96,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .export.onnx import export_onnx
 
     check_output(args.output, {"input checkpoint": args.checkpoint}, "-o")
-    print(export_onnx(load_model(args.checkpoint), args.output))
+    print(export_onnx(load_model(args.checkpoint), args.output, remainder=args.remainder))
 
 
 def _cmd_upscale(args: argparse.Namespace) -> None:
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="output .onnx")
     p.add_argument("--arch", help="allow the checkpoint to name this architecture (package.module:Class) beyond the "
                    "built-in sources")
+    p.add_argument("--remainder", choices=("fp32", "int8"), default="fp32",
+                   help="the convs the recipe left FP: FP32 (exact, default) or int8 QDQ calibrated on the "
+                   "conversion's default batch (faster; 0.02-0.07 dB on Set5 x4 for the shared models measured)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("upscale", help="upscale an image with an exported .onnx model (tiled, onnxruntime)")

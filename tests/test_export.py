@@ -195,6 +195,8 @@ def test_cli_export_from_checkpoint(tmp_path, capsys):
     assert main(["export", str(ckpt), "-o", str(out)]) == 0
     assert "packed (1-bit weights): 5" in capsys.readouterr().out
     check_parity(model, out, sizes=((20, 20),))
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "q.onnx"), "--remainder", "int8"]) == 0
+    assert "int8 QDQ (onnxruntime QLinearConv): upsample.0, conv_last" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
 
 
