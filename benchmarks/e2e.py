@@ -140,7 +140,7 @@ def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads:
         print(name, rows[-1], flush=True)
     profile = {k: time_by_op(paths[k], x, threads[0]) for k in ("int8", "scales", "scales_int8")}
     return {"rows": rows, "profile": profile, "packed": len(report.packed), "fp": len(report.fp),
-            "int8_remainder": mixed.int8, "folded": len(report.fused),
+            "int8_remainder": mixed.int8, "folded": len(report.fused), "shuffle_folded": report.shuffle_folded,
             "bytes": {k: p.stat().st_size for k, p in paths.items()}}
 
 
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"SCALES export: {r['packed']} binary ops, {r['fp']} entries kept FP, {r['folded']} ops folded into them;"
             " SCALES + int8 remainder"
-            f" (`remainder=\"int8\"`): {', '.join(r['int8_remainder']) or 'none'} as int8 QDQ.",
+            f" (`remainder=\"int8\"`): {', '.join(r['int8_remainder']) or 'none'} as int8 QDQ; output conv folded"
+            f" through the pixel shuffle: {', '.join(r['shuffle_folded']) or 'none'}.",
             "",
             "| threads | loadavg | FP32 ms | ORT int8 ms | SCALES ms | SCALES + int8 rem. ms | SCALES / FP32 |"
             " SCALES / ORT int8 | SCALES + int8 rem. / FP32 | SCALES + int8 rem. / ORT int8 |",
