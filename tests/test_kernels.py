@@ -233,6 +233,40 @@ def test_conv_epilogue_shapes_exact(path, with_bias, add, act):
         np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
 
 
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("add", ["none", "skip", "residual"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_map_epilogue_shapes_exact(path, with_bias, add, act):
+    """Spatial map and channel scale together (SCALES' binary convs; the AVX2 rows compile these shapes
+    separately) with bias, skip or residual and ReLU: bit for bit the op's fp32 order, partial tiles."""
+    for case, (c, hw) in enumerate([(64, (5, 37)), (48, (4, 70)), (80, (3, 9))]):
+        rng = np.random.default_rng([case, with_bias, len(add), len(act), 7])
+        n, k, o = 2, 3, c
+        x = rng.standard_normal((n, c, *hw)).astype(np.float32)
+        thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+        wt = _signs(rng, (o, c, k, k))
+        scale = rng.uniform(0.01, 0.1, o).astype(np.float32)
+        bias = rng.standard_normal(o).astype(np.float32) if with_bias else None
+        spatial = rng.uniform(0.0, 1.0, (n, 1, *hw)).astype(np.float32)
+        chan = rng.uniform(0.5, 1.5, (n, o)).astype(np.float32)
+        res = rng.standard_normal((n, o, *hw)).astype(np.float32)
+        model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(k, k), in_channels=c,
+                           skip=int(add == "skip"), residual=add == "residual", spatial=True, channel_scale=True,
+                           **({"relu": 1} if act == "relu" else {}))
+        feeds = {"X": x, "spatial": spatial, "channel_scale": chan, **({"residual": res} if add == "residual" else {})}
+        y = ort_session(model).run(None, feeds)[0]
+        t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
+        t = t * spatial
+        t = t * chan[:, :, None, None]
+        if with_bias:
+            t = t + bias[None, :, None, None]
+        if add != "none":
+            t = t + (x if add == "skip" else res)
+        if act == "relu":
+            t = np.where(t < 0, np.float32(0), t)
+        np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
+
+
 @pytest.mark.parametrize(("c", "o", "k", "hw"), [(260, 6, 3, (4, 41)), (130, 9, 5, (6, 35)), (200, 4, 3, (3, 8))])
 def test_conv_long_windows_exact(path, c, o, k, hw):
     """Windows of many words: more steps than one byte counter holds (the AVX2 rows widen their byte

@@ -164,9 +164,10 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
 }
 
 // The epilogue's shape known at compile time, as on AVX-512: kGeneric tests every optional input at
-// run time; any other value is a set of these flags (no spatial map, channel scale or channel sums; at
-// most one of skip and residual, read through one pointer).
-constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8;
+// run time; any other value is a set of these flags (no channel sums; at most one of skip and
+// residual, read through one pointer). kMaps: both the spatial map and the channel scale (SCALES'
+// binary convs; AVX-512 takes its generic version there), without ReLU's alternative PReLU.
+constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8, kMaps = 16;
 
 // 8 output values of channel o at pixels p.. from their counts, in the op's fp32 order; lanes from
 // p + rem on are neither loaded nor stored. `stream`: full blocks go out as streaming stores (the
@@ -186,8 +187,8 @@ inline __m256 row_epilogue(const ConvRow& a, int o, int p, int rem, __m256i coun
   }
   __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(a.scale[o]));
   constexpr bool generic = F == kGeneric;
-  if (generic && a.spatial) t = _mm256_mul_ps(t, load(a.spatial + p));
-  if (generic && a.channel) t = _mm256_mul_ps(t, _mm256_set1_ps(a.channel[o]));
+  if (generic ? a.spatial != nullptr : (F & kMaps) != 0) t = _mm256_mul_ps(t, load(a.spatial + p));
+  if (generic ? a.channel != nullptr : (F & kMaps) != 0) t = _mm256_mul_ps(t, _mm256_set1_ps(a.channel[o]));
   if (generic ? a.bias != nullptr : (F & kBias) != 0) t = _mm256_add_ps(t, _mm256_set1_ps(a.bias[o]));
   if (generic && a.skip) t = _mm256_add_ps(t, load(a.skip + o * a.plane + p));
   if (generic && a.residual) t = _mm256_add_ps(t, load(a.residual + o * a.plane + p));
@@ -445,9 +446,12 @@ void conv_row(const ConvRow& row) {
     build_windows(row);
     a.x = row.window;
   }
-  const bool generic = a.spatial || a.channel || a.channel_sums || (a.skip && a.residual);
+  const bool maps = a.spatial && a.channel;
+  const bool generic = (a.spatial && !maps) || (a.channel && !maps) || a.channel_sums ||
+                       (a.skip && a.residual) || (maps && a.slope);
   const float* add = a.skip ? a.skip : a.residual;
-  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0);
+  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0) |
+                    (maps ? kMaps : 0);
   switch (generic ? kGeneric : shape) {
     case 0: row_tiles_steps<0>(a, add); break;
     case kBias: row_tiles_steps<kBias>(a, add); break;
@@ -461,7 +465,15 @@ void conv_row(const ConvRow& row) {
     case kBias | kPrelu: row_tiles_steps<kBias | kPrelu>(a, add); break;
     case kAdd | kPrelu: row_tiles_steps<kAdd | kPrelu>(a, add); break;
     case kBias | kAdd | kPrelu: row_tiles_steps<kBias | kAdd | kPrelu>(a, add); break;
-    default: row_tiles_steps<kGeneric>(a, add);  // spatial map, channel scale, channel sums, skip + residual
+    case kMaps: row_tiles_steps<kMaps>(a, add); break;
+    case kMaps | kBias: row_tiles_steps<kMaps | kBias>(a, add); break;
+    case kMaps | kAdd: row_tiles_steps<kMaps | kAdd>(a, add); break;
+    case kMaps | kBias | kAdd: row_tiles_steps<kMaps | kBias | kAdd>(a, add); break;
+    case kMaps | kRelu: row_tiles_steps<kMaps | kRelu>(a, add); break;
+    case kMaps | kBias | kRelu: row_tiles_steps<kMaps | kBias | kRelu>(a, add); break;
+    case kMaps | kAdd | kRelu: row_tiles_steps<kMaps | kAdd | kRelu>(a, add); break;
+    case kMaps | kBias | kAdd | kRelu: row_tiles_steps<kMaps | kBias | kAdd | kRelu>(a, add); break;
+    default: row_tiles_steps<kGeneric>(a, add);  // one map only, channel sums, skip + residual, maps + PReLU
   }
   _mm_sfence();  // the streaming stores are visible before the row's task ends
 }
