@@ -182,7 +182,7 @@ def test_finetune_with_progressive_ends_binary(tmp_path):
     fp = edsr(num_feat=16).eval()
     data = DataConfig(train=str(DATA / "BSD100"), val=str(DATA / "Set5"), val_limit=1, batch=2, patch=16, workers=0)
     res = finetune(fp, "scales", data, Budget(steps=6), RunSettings(out=str(tmp_path / "run"), val_every=2),
-                   progressive=0.5, progress=False)
+                   progressive=0.5, reconstruct=0.0, progress=False)
     assert all(m.binarization == 1.0 for m in _layers(res.model))
     vals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vals = [v["Set5"]["psnr"] for v in vals if v.get("kind") == "val"]
