@@ -381,20 +381,11 @@ void row_tiles_steps(const ConvRow& a, const float* add) {
 // ConvRow::window from the line buffer (as on AVX-512, 4 pixels at a time): word s is the OR of the
 // tap words overlapping bits 64 s .. 64 s + 63 of the concatenation, each shifted into place.
 void build_windows(const ConvRow& a) {
-  const int C = a.concat_channels, taps = a.kh * a.kw, end = (a.width + 31) / 32 * 32;
-  constexpr int kMaxOverlap = 65;  // a word overlaps at most 64 / C + 1 taps
-  const uint64_t* src[kMaxOverlap];
-  __m128i left[kMaxOverlap];
+  const int end = (a.width + 31) / 32 * 32;
+  const uint64_t* src[kMaxWindowOverlap];
+  __m128i left[kMaxWindowOverlap], right;
   for (int s = 0; s < a.steps; ++s) {
-    const int b0 = 64 * s;
-    const int t0 = b0 / C, t1 = (b0 + 63) / C + 1 < taps ? (b0 + 63) / C + 1 : taps;  // taps overlapping
-    const int n = t1 - t0;
-    for (int j = 0; j < n; ++j) {
-      const int t = t0 + j, shift = t * C - b0;  // >= 0 except for the first tap
-      src[j] = a.x + (t / a.kw) * a.line + t % a.kw;
-      left[j] = _mm_cvtsi32_si128(shift > 0 ? shift : 0);
-    }
-    const __m128i right = _mm_cvtsi32_si128(b0 - t0 * C);  // the first tap's bits below b0
+    const int n = window_taps(a, s, src, left, &right);
     uint64_t* out = a.window + s * a.line;
     for (int q = 0; q < end; q += 4) {
       __m256i word = _mm256_srl_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[0] + q)), right);

@@ -52,4 +52,21 @@ static inline void store_counts_block(const DotTile& a, int ob, int p0, int np,
   }
 }
 
+// The taps of a concatenated window (ConvRow::concat_channels) that overlap its word s, bits 64 s .. 64 s + 63:
+// where each is read in the line buffer, how far left it is shifted, and (returned through `right`) how far
+// right the first one is; returns how many. Worked out once per word, outside the loops over pixels.
+constexpr int kMaxWindowOverlap = 65;  // a word overlaps at most 64 / C + 1 taps
+
+static inline int window_taps(const ConvRow& a, int s, const uint64_t** src, __m128i* left, __m128i* right) {
+  const int C = a.concat_channels, taps = a.kh * a.kw, b0 = 64 * s;
+  const int t0 = b0 / C, t1 = (b0 + 63) / C + 1 < taps ? (b0 + 63) / C + 1 : taps;  // taps overlapping
+  for (int j = 0; j < t1 - t0; ++j) {
+    const int t = t0 + j, shift = t * C - b0;  // >= 0 except for the first tap
+    src[j] = a.x + (t / a.kw) * a.line + t % a.kw;
+    left[j] = _mm_cvtsi32_si128(shift > 0 ? shift : 0);
+  }
+  *right = _mm_cvtsi32_si128(b0 - t0 * C);  // the first tap's bits below b0
+  return t1 - t0;
+}
+
 }  // namespace srb
