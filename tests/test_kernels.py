@@ -198,6 +198,34 @@ def test_conv_residual_and_activation_epilogue(path, c, o, hw, act):
         wrong.run(None, {"X": x, "spatial": spatial, "residual": res[:, :, :-1]})
 
 
+def _epilogue_inputs(rng: np.random.Generator, c: int, hw: tuple[int, int], with_bias: bool):
+    """Input, thresholds, +-1 weights (C -> C, 3x3), scale and bias of an epilogue-shape case."""
+    x = rng.standard_normal((2, c, *hw)).astype(np.float32)
+    thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
+    wt = _signs(rng, (c, c, 3, 3))
+    scale = rng.uniform(0.01, 0.1, c).astype(np.float32)
+    bias = rng.standard_normal(c).astype(np.float32) if with_bias else None
+    return x, thr, wt, scale, bias
+
+
+def _epilogue_reference(x, thr, wt, scale, bias, add, res, act, slope=None, spatial=None, chan=None):
+    """The op's output in its fp32 order: scale, spatial map, channel scale, bias, skip / residual, activation."""
+    t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
+    if spatial is not None:
+        t = t * spatial
+    if chan is not None:
+        t = t * chan[:, :, None, None]
+    if bias is not None:
+        t = t + bias[None, :, None, None]
+    if add != "none":
+        t = t + (x if add == "skip" else res)
+    if act == "relu":
+        t = np.where(t < 0, np.float32(0), t)
+    elif act == "prelu":
+        t = np.where(t < 0, t * slope[None, :, None, None], t)
+    return t
+
+
 @pytest.mark.parametrize("act", ["none", "relu", "prelu"])
 @pytest.mark.parametrize("add", ["none", "skip", "residual"])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -208,28 +236,15 @@ def test_conv_epilogue_shapes_exact(path, with_bias, add, act):
     for case, (c, hw) in enumerate([(64, (6, 37)), (48, (5, 16)), (50, (4, 70)), (24, (3, 33)), (12, (5, 9)),
                                     (80, (3, 48))]):
         rng = np.random.default_rng([case, with_bias, len(add), len(act)])
-        n, k, o = 2, 3, c
-        x = rng.standard_normal((n, c, *hw)).astype(np.float32)
-        thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
-        wt = _signs(rng, (o, c, k, k))
-        scale = rng.uniform(0.01, 0.1, o).astype(np.float32)
-        bias = rng.standard_normal(o).astype(np.float32) if with_bias else None
-        res = rng.standard_normal((n, o, *hw)).astype(np.float32)
-        slope = rng.uniform(-0.5, 0.5, o).astype(np.float32)
+        x, thr, wt, scale, bias = _epilogue_inputs(rng, c, hw, with_bias)
+        res = rng.standard_normal(x.shape).astype(np.float32)
+        slope = rng.uniform(-0.5, 0.5, c).astype(np.float32)
         extra = {"relu": 1} if act == "relu" else {"prelu_slope": slope} if act == "prelu" else {}
-        model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(k, k), in_channels=c,
+        model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(3, 3), in_channels=c,
                            skip=int(add == "skip"), residual=add == "residual", **extra)
         feeds = {"X": x, **({"residual": res} if add == "residual" else {})}
         y = ort_session(model).run(None, feeds)[0]
-        t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
-        if with_bias:
-            t = t + bias[None, :, None, None]
-        if add != "none":
-            t = t + (x if add == "skip" else res)
-        if act == "relu":
-            t = np.where(t < 0, np.float32(0), t)
-        elif act == "prelu":
-            t = np.where(t < 0, t * slope[None, :, None, None], t)
+        t = _epilogue_reference(x, thr, wt, scale, bias, add, res, act, slope=slope)
         np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
 
 
@@ -241,29 +256,16 @@ def test_conv_map_epilogue_shapes_exact(path, with_bias, add, act):
     separately) with bias, skip or residual and ReLU: bit for bit the op's fp32 order, partial tiles."""
     for case, (c, hw) in enumerate([(64, (5, 37)), (48, (4, 70)), (80, (3, 9))]):
         rng = np.random.default_rng([case, with_bias, len(add), len(act), 7])
-        n, k, o = 2, 3, c
-        x = rng.standard_normal((n, c, *hw)).astype(np.float32)
-        thr = (0.2 * rng.standard_normal(c)).astype(np.float32)
-        wt = _signs(rng, (o, c, k, k))
-        scale = rng.uniform(0.01, 0.1, o).astype(np.float32)
-        bias = rng.standard_normal(o).astype(np.float32) if with_bias else None
-        spatial = rng.uniform(0.0, 1.0, (n, 1, *hw)).astype(np.float32)
-        chan = rng.uniform(0.5, 1.5, (n, o)).astype(np.float32)
-        res = rng.standard_normal((n, o, *hw)).astype(np.float32)
-        model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(k, k), in_channels=c,
+        x, thr, wt, scale, bias = _epilogue_inputs(rng, c, hw, with_bias)
+        spatial = rng.uniform(0.0, 1.0, (x.shape[0], 1, *hw)).astype(np.float32)
+        chan = rng.uniform(0.5, 1.5, (x.shape[0], c)).astype(np.float32)
+        res = rng.standard_normal(x.shape).astype(np.float32)
+        model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(3, 3), in_channels=c,
                            skip=int(add == "skip"), residual=add == "residual", spatial=True, channel_scale=True,
                            **({"relu": 1} if act == "relu" else {}))
         feeds = {"X": x, "spatial": spatial, "channel_scale": chan, **({"residual": res} if add == "residual" else {})}
         y = ort_session(model).run(None, feeds)[0]
-        t = binary_conv2d_dot(x, thr, wt).astype(np.float32) * scale[None, :, None, None]
-        t = t * spatial
-        t = t * chan[:, :, None, None]
-        if with_bias:
-            t = t + bias[None, :, None, None]
-        if add != "none":
-            t = t + (x if add == "skip" else res)
-        if act == "relu":
-            t = np.where(t < 0, np.float32(0), t)
+        t = _epilogue_reference(x, thr, wt, scale, bias, add, res, act, spatial=spatial, chan=chan)
         np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
 
 
