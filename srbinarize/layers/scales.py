@@ -168,11 +168,12 @@ class _ScalesBase(QuantLayer):
         """The +-1 weights of the deployed layer (no gradient)."""
         return sign_pm1(self.weight.detach())
 
-    def _weight_window(self) -> torch.Tensor:
-        """STE window of the latent weights: 2 mean|w| per output channel, so it follows their scale
-        (calibration rescales them) and clips only the tail of the distribution."""
-        dims = tuple(range(1, self.weight.dim()))
-        return 2 * self.weight.detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    @staticmethod
+    def _weight_window(w: torch.Tensor) -> torch.Tensor:
+        """STE window of weights ``w``: 2 mean|w| per output channel, so it follows their scale (calibration
+        rescales them) and clips only the tail of the distribution."""
+        dims = tuple(range(1, w.dim()))
+        return 2 * w.detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
 
     def _scaled_product(self, x: torch.Tensor) -> torch.Tensor:
         """Everything but bias and skip, in the exact order the kernel's epilogue uses."""
@@ -180,7 +181,9 @@ class _ScalesBase(QuantLayer):
         a = x
         if self.config.binarize_activations:
             a = sign_ste(x - self._per_in(self.beta), self.act_scale(), kind)
-        w = sign_ste(self.weight, self._weight_window(), kind) if self.config.binarize_weights else self.weight
+        w = self.weight
+        if self.config.binarize_weights:
+            w = sign_ste(w, self._weight_window(w), kind)
         return self._rescale(self._product(a, w) * self._per_out(self.output_scale()), x)
 
     def set_binarization(self, level: float, weights: float = 0.0) -> None:
@@ -208,8 +211,7 @@ class _ScalesBase(QuantLayer):
     def _binarized(self, w: torch.Tensor) -> torch.Tensor:
         """mean|w| * sign(w) per output channel, with the weights' STE window."""
         dims = tuple(range(1, w.dim()))
-        window = 2 * w.detach().abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
-        return w.abs().mean(dim=dims, keepdim=True) * sign_ste(w, window, self.config.ste)
+        return w.abs().mean(dim=dims, keepdim=True) * sign_ste(w, self._weight_window(w), self.config.ste)
 
     def _per_weight(self, v: torch.Tensor) -> torch.Tensor:
         return v.view(-1, *[1] * (self.weight.dim() - 1))
