@@ -51,6 +51,7 @@ from ..layers.scales import ScalesConv2d, _ScalesBase
 from ..models.input_range import model_input_range
 from ..runtime import DOMAIN, cpu_has_vnni, kernel_supported
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
+from .onnx_graph import consumers as graph_consumers
 from .shuffle_fold import fold_shuffle_convs
 
 OPSET = 17
@@ -730,10 +731,7 @@ def _shuffle_before_dequantizing(graph: onnx.GraphProto) -> None:
     """A per-tensor ``DequantizeLinear`` commutes with a shuffle: ``DequantizeLinear -> DepthToSpace`` becomes
     ``DepthToSpace -> DequantizeLinear``, which moves uint8 instead of float (a third of the time, measured
     on the EDSR x2 upsampler), and ``ShuffleTaps`` reads the codes with their scale and zero point itself."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph_consumers(graph)
     outputs = {o.name for o in graph.output}
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
         users = consumers.get(dq.output[0], [])

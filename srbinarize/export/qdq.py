@@ -53,6 +53,7 @@ from ..atomic import atomic_output
 from ..errors import SrbinarizeError
 from ..layers.fqsr import FqsrConv2d, IntervalQuantizer
 from ..runtime import cpu_has_vnni
+from .onnx_graph import consumers as graph_consumers
 
 OPSET = 17
 WEIGHT_LAYOUTS = ("auto", "s8", "u8")
@@ -203,10 +204,7 @@ def to_int4(model: onnx.ModelProto) -> int:
     """
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph_consumers(graph)
     removed, count = [], 0
 
     def new_constant(values: np.ndarray, dtype: type, base: str) -> str:  # packed two codes a byte

@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_graph import consumers as graph_consumers
+
 _END = np.iinfo(np.int64).max
 
 
@@ -50,10 +52,7 @@ def fold_shuffle_convs(graph: onnx.GraphProto, custom_domain: str | None = None)
     merged conv's output once and never writes the shuffled tensor.
     """
     inits = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = graph_consumers(graph)
     producer = {out: node for node in graph.node for out in node.output}
     graph_outputs = {o.name for o in graph.output}
     folded = []
