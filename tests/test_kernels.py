@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -269,6 +270,40 @@ def test_conv_map_epilogue_shapes_exact(path, with_bias, add, act):
         np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
 
 
+@pytest.mark.parametrize("form", ["plain", "skip+relu", "residual", "maps+residual", "maps+relu+mean"])
+def test_conv_float16_activations_exact(path, form):
+    """X, residual and Y in float16 (the overload for float16 X) give, bit for bit, the float32 op on X and the
+    residual converted exactly, rounded to nearest even (NumPy's astype), on every path (AVX-512 natively, the
+    others at the op's boundary): epilogue shapes, the in-op spatial map, channel scale and channel_mean (the
+    mean of the fp32 values); plain ones also equal NumPy's fp32 order."""
+    for case, (c, hw) in enumerate([(64, (5, 37)), (48, (4, 70)), (24, (3, 9))]):
+        rng = np.random.default_rng([case, len(form), 16])
+        x, thr, wt, scale, bias = _epilogue_inputs(rng, c, hw, with_bias=True)
+        x16, res16 = x.astype(np.float16), rng.standard_normal(x.shape).astype(np.float16)
+        maps = form.startswith("maps")
+        add = "skip" if "skip" in form else "residual" if "residual" in form else "none"
+        act = "relu" if "relu" in form else "none"
+        sw = (0.1 * rng.standard_normal(c)).astype(np.float32)
+        chan = rng.uniform(0.5, 1.5, (x.shape[0], c)).astype(np.float32)
+        runs = {}
+        for dtype in (np.float16, np.float32):
+            model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(3, 3), in_channels=c,
+                               skip=int(add == "skip"), residual=add == "residual", relu=int(act == "relu"),
+                               channel_scale=maps, channel_mean="mean" in form, x_dtype=dtype,
+                               **({"spatial_weight": sw, "spatial_bias": np.array([0.1], np.float32)} if maps else {}))
+            feeds = {"X": x16.astype(dtype), **({"residual": res16.astype(dtype)} if add == "residual" else {}),
+                     **({"channel_scale": chan} if maps else {})}
+            runs[dtype] = ort_session(model).run(None, feeds)
+        half, single = runs[np.float16], runs[np.float32]
+        assert half[0].dtype == np.float16
+        np.testing.assert_array_equal(half[0], single[0].astype(np.float16), err_msg=f"C = {c}, H x W = {hw}")
+        if not maps:
+            t = _epilogue_reference(x16.astype(np.float32), thr, wt, scale, bias, add, res16.astype(np.float32), act)
+            np.testing.assert_array_equal(half[0], t.astype(np.float16))
+        if "mean" in form:
+            np.testing.assert_array_equal(half[1], single[1])
+
+
 @pytest.mark.parametrize(("c", "o", "k", "hw"), [(260, 6, 3, (4, 41)), (130, 9, 5, (6, 35)), (200, 4, 3, (3, 8))])
 def test_conv_long_windows_exact(path, c, o, k, hw):
     """Windows of many words: more steps than one byte counter holds (the AVX2 rows widen their byte
@@ -427,7 +462,13 @@ def _expect_error(model_bytes, feeds, *needles):
 def test_error_wrong_input_dtype():
     thr, w, s = _conv_parts()
     model = conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8, x_dtype=np.float64, name="conv7")
-    _expect_error(model, {"X": np.zeros((1, 8, 4, 4))}, "BinaryConv2d node 'conv7'", "'X' must be float32, got float64")
+    _expect_error(model, {"X": np.zeros((1, 8, 4, 4))}, "node (conv7)", "tensor(double)", "(X)")  # onnxruntime's
+    model = conv_model(thr, w, s, kernel_shape=(3, 3), in_channels=8, x_dtype=np.float16, residual=True, name="conv9")
+    proto = onnx.load_from_string(model)
+    next(i for i in proto.graph.input if i.name == "residual").type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    _expect_error(proto.SerializeToString(), {"X": np.zeros((1, 8, 4, 4), np.float16),
+                                              "residual": np.zeros((1, 4, 4, 4), np.float32)},
+                  "'conv9'", "'residual' must be float16, got float32")
     model = conv_model(thr, w.astype(np.int64), s, kernel_shape=(3, 3), in_channels=8, name="conv8")
     _expect_error(model, {"X": np.zeros((1, 8, 4, 4), np.float32)}, "'conv8'", "'weight' must be uint64, got int64")
 

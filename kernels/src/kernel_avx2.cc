@@ -190,15 +190,15 @@ inline __m256 row_epilogue(const ConvRow& a, int o, int p, int rem, __m256i coun
   if (generic ? a.spatial != nullptr : (F & kMaps) != 0) t = _mm256_mul_ps(t, load(a.spatial + p));
   if (generic ? a.channel != nullptr : (F & kMaps) != 0) t = _mm256_mul_ps(t, _mm256_set1_ps(a.channel[o]));
   if (generic ? a.bias != nullptr : (F & kBias) != 0) t = _mm256_add_ps(t, _mm256_set1_ps(a.bias[o]));
-  if (generic && a.skip) t = _mm256_add_ps(t, load(a.skip + o * a.plane + p));
-  if (generic && a.residual) t = _mm256_add_ps(t, load(a.residual + o * a.plane + p));
+  if (generic && a.skip) t = _mm256_add_ps(t, load(static_cast<const float*>(a.skip) + o * a.plane + p));
+  if (generic && a.residual) t = _mm256_add_ps(t, load(static_cast<const float*>(a.residual) + o * a.plane + p));
   if (!generic && (F & kAdd)) t = _mm256_add_ps(t, load(add + o * a.plane + p));
   if (generic ? a.relu : (F & kRelu) != 0)
     t = _mm256_max_ps(_mm256_setzero_ps(), t);  // NaN stays NaN (max returns its second operand)
   if (generic ? a.slope != nullptr : (F & kPrelu) != 0)
     t = _mm256_blendv_ps(t, _mm256_mul_ps(t, _mm256_set1_ps(a.slope[o])),
                          _mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_LT_OQ));
-  float* out = a.y + o * a.plane + p;
+  float* out = static_cast<float*>(a.y) + o * a.plane + p;
   if (!full) {
     _mm256_maskstore_ps(out, m, t);
     return _mm256_and_ps(t, _mm256_castsi256_ps(m));
@@ -333,8 +333,8 @@ void row_tiles(const ConvRow& a, const float* add) {
     if (a.prefetch) {
       const int r1 = a.prefetch_rows < (t + 1) * per_chunk ? a.prefetch_rows : (t + 1) * per_chunk;
       for (int r = t * per_chunk; r < r1; ++r)
-        for (int q = 0; q < a.width; q += 16)
-          _mm_prefetch(reinterpret_cast<const char*>(a.prefetch + r * a.prefetch_stride + q), _MM_HINT_T1);
+        for (int q = 0; q < a.prefetch_bytes; q += 64)
+          _mm_prefetch(a.prefetch + r * a.prefetch_stride + q, _MM_HINT_T1);
     }
     if (split)
       for (int s = 0; s < steps; ++s) split_words(a.x + a.offset[s] + p, 32, xlo + s * 32, xhi + s * 32);
@@ -440,7 +440,7 @@ void conv_row(const ConvRow& row) {
   const bool maps = a.spatial && a.channel;
   const bool generic = (a.spatial && !maps) || (a.channel && !maps) || a.channel_sums ||
                        (a.skip && a.residual) || (maps && a.slope);
-  const float* add = a.skip ? a.skip : a.residual;
+  const float* add = static_cast<const float*>(a.skip ? a.skip : a.residual);
   const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0) |
                     (maps ? kMaps : 0);
   switch (generic ? kGeneric : shape) {
@@ -472,6 +472,6 @@ void conv_row(const ConvRow& row) {
 }  // namespace
 
 const Kernels kAvx2Kernels = {"avx2", 2, pack_planar, pack_tokens, weight_words, pack_weights,
-                              dot_tile, pack_lines, conv_row};
+                              dot_tile, pack_lines, conv_row, nullptr};
 
 }  // namespace srb

@@ -73,19 +73,60 @@ void dot_tile(const DotTile& a) {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 // ---- fused convolution rows (ConvRow) ----
 
-// Planar FP32 rows -> line layout. Groups of 8 channels, each streamed through all rows (8 input
-// streams at a time); for 16 pixels, each channel's compare mask sets its bit in the 16 words (8 per
-// register) of its word, which the first group of a word stores and the others update.
-void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
-                const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
-                float* spatial_sum) {
+// 16 activations from i on (float, or float16 when H), lanes outside m read as 0. Without AVX512BW a
+// partial float16 vector goes through a small buffer.
+template <bool H>
+inline __m512 load16(const void* base, ptrdiff_t i, __mmask16 m) {
+  if (!H) return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + i);
+  const uint16_t* src = static_cast<const uint16_t*>(base) + i;
+  if (m == 0xffff) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  alignas(32) uint16_t part[16] = {};
+  for (int l = 0; l < 16; ++l)
+    if (m >> l & 1) part[l] = src[l];
+  return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(part)));
+}
+
+// Stores the lanes of v in m at element i (float, or float16 rounded to nearest even when H). `stream`
+// (float only): full vectors with a streaming store.
+template <bool H>
+inline void store16(void* base, ptrdiff_t i, __m512 v, __mmask16 m, bool stream) {
+  if (!H) {
+    float* out = static_cast<float*>(base) + i;
+    if (stream && m == 0xffff) {
+      _mm512_stream_ps(out, v);
+    } else {
+      _mm512_mask_storeu_ps(out, m, v);
+    }
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(base) + i;
+  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  if (m == 0xffff) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
+    return;
+  }
+  alignas(32) uint16_t part[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(part), h);
+  for (int l = 0; l < 16; ++l)
+    if (m >> l & 1) out[l] = part[l];
+}
+
+// Planar rows (float, or float16 when H) -> line layout. Groups of 8 channels, each streamed through all
+// rows (8 input streams at a time); for 16 pixels, each channel's compare mask sets its bit in the 16
+// words (8 per register) of its word, which the first group of a word stores and the others update.
+template <bool H>
+void pack_lines_as(const void* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                   const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
+                   float* spatial_sum) {
+  constexpr int kBytes = H ? 2 : 4;
+  const char* bytes = static_cast<const char*>(x);
   const int words = (channels + 63) / 64;
   for (int c0 = 0; c0 < channels; c0 += 8) {
     const int c1 = channels < c0 + 8 ? channels : c0 + 8, k = c0 / 64;
     const __m512i first_bit = _mm512_set1_epi64(static_cast<long long>(1ULL << (c0 % 64)));
     for (int r = 0; r < rows; ++r) {
       uint64_t* dst = out + (ptrdiff_t(r) * words + k) * line;
-      const float* src = x + ptrdiff_t(r) * width;
+      const ptrdiff_t row = ptrdiff_t(r) * width;
       for (int p = 0; p < width; p += 16) {
         const int np = width - p < 16 ? width - p : 16;
         const __mmask16 valid = np == 16 ? __mmask16(0xffff) : __mmask16((1u << np) - 1);
@@ -98,12 +139,13 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
         // Prefetch 1 KB ahead in each of the 8 input streams: packing a 64-channel 256x256 image from
         // DRAM took a third less time on Zen 5. Integer arithmetic: the address may lie past X.
         for (int c = c0; c < c1; ++c)
-          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(src + c * channel_stride + p) + 1024),
+          _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(
+                           bytes + (c * channel_stride + row + p) * kBytes) + 1024),
                        _MM_HINT_T0);
-        float* sum_at = spatial_sum ? spatial_sum + ptrdiff_t(r) * width + p : nullptr;
+        float* sum_at = spatial_sum ? spatial_sum + row + p : nullptr;
         __m512 sum = c0 == 0 || !sum_at ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, sum_at);
         for (int c = c0; c < c1; ++c) {
-          const __m512 v = _mm512_maskz_loadu_ps(valid, src + c * channel_stride + p);
+          const __m512 v = load16<H>(x, c * channel_stride + row + p, valid);
           if (sum_at) sum = _mm512_add_ps(sum, _mm512_mul_ps(v, _mm512_set1_ps(spatial_weight[c])));
           const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(threshold[c]), _CMP_GE_OQ);
           lo = _mm512_mask_or_epi64(lo, __mmask8(m), lo, bit);
@@ -118,6 +160,18 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
   }
 }
 
+void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
+                float* spatial_sum) {
+  pack_lines_as<false>(x, channel_stride, channels, rows, width, threshold, out, line, spatial_weight, spatial_sum);
+}
+
+void pack_lines_half(const uint16_t* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                     const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
+                     float* spatial_sum) {
+  pack_lines_as<true>(x, channel_stride, channels, rows, width, threshold, out, line, spatial_weight, spatial_sum);
+}
+
 // Lane mask of the first `rem` of 16 lanes (rem may be <= 0 or >= 16).
 inline __mmask16 lanes(int rem) {
   return rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
@@ -130,12 +184,12 @@ inline __mmask16 lanes(int rem) {
 constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8;
 
 // 16 output values of channel o from two 8-pixel count vectors, in the op's fp32 order; lanes from
-// pixel p + rem on are neither loaded nor stored. `add`: the skip or residual plane (F & kAdd).
-// `stream`: the output rows are 64-byte aligned, so full blocks are written with streaming stores (the
-// output is not read back here: no read-for-ownership of its lines).
-// Returns the values written (0 in lanes not written), for ConvRow::channel_sums.
-template <int F>
-inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1, const float* add,
+// pixel p + rem on are neither loaded nor stored. `add`: the skip or residual plane (F & kAdd). H: the
+// activations are float16. `stream`: the output rows are 64-byte aligned float, so full blocks are
+// written with streaming stores (the output is not read back here: no read-for-ownership of its lines).
+// Returns the fp32 values (0 in lanes not written), for ConvRow::channel_sums.
+template <int F, bool H>
+inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1, const void* add,
                            bool stream) {
   const __mmask16 m = lanes(rem);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -145,30 +199,26 @@ inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, 
     d = _mm512_add_epi32(d, _mm512_maskz_loadu_epi32(m, a.fix + o * a.fix_ld + p));
   __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.scale[o]));
   constexpr bool generic = F == kGeneric;
+  const ptrdiff_t at = o * a.plane + p;
   if (generic && a.spatial) t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, a.spatial + p));
   if (generic && a.channel) t = _mm512_mul_ps(t, _mm512_set1_ps(a.channel[o]));
   if (generic ? a.bias != nullptr : (F & kBias) != 0) t = _mm512_add_ps(t, _mm512_set1_ps(a.bias[o]));
-  if (generic && a.skip) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.skip + o * a.plane + p));
-  if (generic && a.residual) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, a.residual + o * a.plane + p));
-  if (!generic && (F & kAdd)) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, add + o * a.plane + p));
+  if (generic && a.skip) t = _mm512_add_ps(t, load16<H>(a.skip, at, m));
+  if (generic && a.residual) t = _mm512_add_ps(t, load16<H>(a.residual, at, m));
+  if (!generic && (F & kAdd)) t = _mm512_add_ps(t, load16<H>(add, at, m));
   if (generic ? a.relu : (F & kRelu) != 0)
     t = _mm512_max_ps(_mm512_setzero_ps(), t);  // NaN stays NaN (max returns its second operand)
   if (generic ? a.slope != nullptr : (F & kPrelu) != 0)
     t = _mm512_mask_mul_ps(t, _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ), t, _mm512_set1_ps(a.slope[o]));
-  float* out = a.y + o * a.plane + p;
-  if (stream && m == 0xffff) {
-    _mm512_stream_ps(out, t);
-  } else {
-    _mm512_mask_storeu_ps(out, m, t);
-  }
+  store16<H>(a.y, at, t, m, stream);
   return _mm512_maskz_mov_ps(m, t);
 }
 
 // 8 * V pixels from p x 4 output channels at a time: per step V input vectors and 4 broadcast weight
 // words feed 4 * V accumulators (vpopcntq on 8 pixels each), which stay in registers. S: the number
 // of steps when known at compile time (0: a.steps); F: the epilogue's shape.
-template <int F, int S, int V>
-inline void row_tile(const ConvRow& a, int p, int np, const float* add, bool stream) {
+template <int F, bool H, int S, int V>
+inline void row_tile(const ConvRow& a, int p, int np, const void* add, bool stream) {
   const int steps = S ? S : a.steps;
   const uint64_t* x = a.x + p;
   for (int o0 = 0; o0 < a.out_channels; o0 += 4) {
@@ -195,7 +245,7 @@ inline void row_tile(const ConvRow& a, int p, int np, const float* add, bool str
       __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 2
       for (int v = 0; v < V; v += 2) {
-        const __m512 t = row_epilogue<F>(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1], add, stream);
+        const __m512 t = row_epilogue<F, H>(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1], add, stream);
         if (F == kGeneric && a.channel_sums) sum = _mm512_add_ps(sum, t);
       }
       if (F == kGeneric && a.channel_sums) {
@@ -206,10 +256,11 @@ inline void row_tile(const ConvRow& a, int p, int np, const float* add, bool str
   }
 }
 
-// A row in tiles of 32 pixels (the last one 16 when no more remain).
-template <int F, int S>
-void row_tiles(const ConvRow& a, const float* add) {
-  const bool stream = ((reinterpret_cast<uintptr_t>(a.y) | uintptr_t(a.plane * 4)) & 63) == 0;
+// A row in tiles of 32 pixels (the last one 16 when no more remain). Float16 rows are written with plain
+// stores: they are small enough to stay in the cache for the next op.
+template <int F, bool H, int S>
+void row_tiles(const ConvRow& a, const void* add) {
+  const bool stream = !H && ((reinterpret_cast<uintptr_t>(a.y) | uintptr_t(a.plane * 4)) & 63) == 0;
   const int tiles = (a.width + 31) / 32;
   const int per_tile = (a.prefetch_rows + tiles - 1) / tiles;  // prefetched rows per tile
   for (int p = 0, t = 0; p < a.width; p += 32, ++t) {
@@ -217,26 +268,25 @@ void row_tiles(const ConvRow& a, const float* add) {
     if (a.prefetch) {
       const int r1 = a.prefetch_rows < (t + 1) * per_tile ? a.prefetch_rows : (t + 1) * per_tile;
       for (int r = t * per_tile; r < r1; ++r)
-        for (int q = 0; q < a.width; q += 16)
-          _mm_prefetch(reinterpret_cast<const char*>(a.prefetch + r * a.prefetch_stride + q), _MM_HINT_T1);
+        for (int q = 0; q < a.prefetch_bytes; q += 64) _mm_prefetch(a.prefetch + r * a.prefetch_stride + q, _MM_HINT_T1);
     }
     if (np > 16) {
-      row_tile<F, S, 4>(a, p, np, add, stream);
+      row_tile<F, H, S, 4>(a, p, np, add, stream);
     } else {
-      row_tile<F, S, 2>(a, p, np, add, stream);
+      row_tile<F, H, S, 2>(a, p, np, add, stream);
     }
   }
 }
 
 // The step count known at compile time for 3x3 windows of 64 channels (9) and concatenated windows of
 // 48 (7) and 50 or 52 channels (8), the common cases.
-template <int F>
-void row_tiles_steps(const ConvRow& a, const float* add) {
+template <int F, bool H>
+void row_tiles_steps(const ConvRow& a, const void* add) {
   switch (a.steps) {
-    case 9: row_tiles<F, 9>(a, add); break;
-    case 8: row_tiles<F, 8>(a, add); break;
-    case 7: row_tiles<F, 7>(a, add); break;
-    default: row_tiles<F, 0>(a, add);
+    case 9: row_tiles<F, H, 9>(a, add); break;
+    case 8: row_tiles<F, H, 8>(a, add); break;
+    case 7: row_tiles<F, H, 7>(a, add); break;
+    default: row_tiles<F, H, 0>(a, add);
   }
 }
 
@@ -283,6 +333,29 @@ void spatial_row(const ConvRow& a) {
   }
 }
 
+// The row with its epilogue's shape (see kGeneric) and activation type as compile-time parameters.
+template <bool H>
+void conv_row_as(const ConvRow& a) {
+  const bool generic = a.spatial || a.channel || a.channel_sums || (a.skip && a.residual);
+  const void* add = a.skip ? a.skip : a.residual;
+  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0);
+  switch (generic ? kGeneric : shape) {
+    case 0: row_tiles_steps<0, H>(a, add); break;
+    case kBias: row_tiles_steps<kBias, H>(a, add); break;
+    case kAdd: row_tiles_steps<kAdd, H>(a, add); break;
+    case kBias | kAdd: row_tiles_steps<kBias | kAdd, H>(a, add); break;
+    case kRelu: row_tiles_steps<kRelu, H>(a, add); break;
+    case kBias | kRelu: row_tiles_steps<kBias | kRelu, H>(a, add); break;
+    case kAdd | kRelu: row_tiles_steps<kAdd | kRelu, H>(a, add); break;
+    case kBias | kAdd | kRelu: row_tiles_steps<kBias | kAdd | kRelu, H>(a, add); break;
+    case kPrelu: row_tiles_steps<kPrelu, H>(a, add); break;
+    case kBias | kPrelu: row_tiles_steps<kBias | kPrelu, H>(a, add); break;
+    case kAdd | kPrelu: row_tiles_steps<kAdd | kPrelu, H>(a, add); break;
+    case kBias | kAdd | kPrelu: row_tiles_steps<kBias | kAdd | kPrelu, H>(a, add); break;
+    default: row_tiles_steps<kGeneric, H>(a, add);  // spatial map, channel scale, channel sums, skip + residual
+  }
+}
+
 void conv_row(const ConvRow& row) {
   ConvRow a = row;
   if (row.spatial_sum) {
@@ -293,29 +366,16 @@ void conv_row(const ConvRow& row) {
     build_windows(row);
     a.x = row.window;
   }
-  const bool generic = a.spatial || a.channel || a.channel_sums || (a.skip && a.residual);
-  const float* add = a.skip ? a.skip : a.residual;
-  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0);
-  switch (generic ? kGeneric : shape) {
-    case 0: row_tiles_steps<0>(a, add); break;
-    case kBias: row_tiles_steps<kBias>(a, add); break;
-    case kAdd: row_tiles_steps<kAdd>(a, add); break;
-    case kBias | kAdd: row_tiles_steps<kBias | kAdd>(a, add); break;
-    case kRelu: row_tiles_steps<kRelu>(a, add); break;
-    case kBias | kRelu: row_tiles_steps<kBias | kRelu>(a, add); break;
-    case kAdd | kRelu: row_tiles_steps<kAdd | kRelu>(a, add); break;
-    case kBias | kAdd | kRelu: row_tiles_steps<kBias | kAdd | kRelu>(a, add); break;
-    case kPrelu: row_tiles_steps<kPrelu>(a, add); break;
-    case kBias | kPrelu: row_tiles_steps<kBias | kPrelu>(a, add); break;
-    case kAdd | kPrelu: row_tiles_steps<kAdd | kPrelu>(a, add); break;
-    case kBias | kAdd | kPrelu: row_tiles_steps<kBias | kAdd | kPrelu>(a, add); break;
-    default: row_tiles_steps<kGeneric>(a, add);  // spatial map, channel scale, channel sums, skip + residual
+  if (a.half) {
+    conv_row_as<true>(a);
+  } else {
+    conv_row_as<false>(a);
   }
   _mm_sfence();  // the streaming stores are visible before the row's task ends
 }
-#define SRB_CONV_ROW pack_lines, conv_row
+#define SRB_CONV_ROW pack_lines, conv_row, pack_lines_half
 #else
-#define SRB_CONV_ROW nullptr, nullptr
+#define SRB_CONV_ROW nullptr, nullptr, nullptr
 #endif
 
 }  // namespace

@@ -53,6 +53,6 @@ void dot_tile(const DotTile& a) {
 }  // namespace
 
 const Kernels kScalarKernels = {"scalar", 1, pack_planar, pack_tokens, weight_words, pack_weights,
-                                dot_tile, nullptr, nullptr};
+                                dot_tile, nullptr, nullptr, nullptr};
 
 }  // namespace srb

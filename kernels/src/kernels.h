@@ -59,17 +59,21 @@ struct ConvRow {
   const float* bias;     // [O] or nullptr
   const float* channel;  // [O] or nullptr (this image's channel_scale)
   const float* spatial;  // [width] or nullptr
-  const float* skip;      // skip[o * plane + p], or nullptr
-  const float* residual;  // residual[o * plane + p], or nullptr
+  // The activations: element [o * plane + p] of skip (X itself), residual and y, of type float, or float16
+  // (IEEE binary16 as uint16_t: read exactly, y rounded to nearest even) when `half` (only on a path with
+  // Kernels::pack_lines_half).
+  const void* skip;      // or nullptr
+  const void* residual;  // or nullptr
+  bool half;
   bool relu;
   const float* slope;  // [O] PReLU slopes, or nullptr
   ptrdiff_t plane;
-  float* y;
-  // Software prefetch, spread over the row's tiles: prefetch_rows rows of `width` floats at
-  // prefetch + r * prefetch_stride (what the next row's epilogue reads: residual or skip), or nullptr.
-  const float* prefetch;
+  void* y;
+  // Software prefetch, spread over the row's tiles: prefetch_rows lines of prefetch_bytes at
+  // prefetch + r * prefetch_stride bytes (what the next row's epilogue reads: residual or skip), or nullptr.
+  const char* prefetch;
   ptrdiff_t prefetch_stride;
-  int prefetch_rows;
+  int prefetch_rows, prefetch_bytes;
   // Concatenated windows (C < 64, one word per tap), when concat_channels = C > 0: the kernel first
   // writes, for every pixel, its window's KH * KW * C bits as `steps` words into `window` (word s of
   // pixel p at window[s * line + p]; tap t = i * KW + j holds bits t * C .. t * C + C - 1 of the
@@ -109,6 +113,11 @@ struct Kernels {
                      const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
                      float* spatial_sum);
   void (*conv_row)(const ConvRow& row);
+  // Optional: pack_lines for float16 X (uint16_t bits, converted exactly); where set, conv_row also takes
+  // ConvRow::half.
+  void (*pack_lines_half)(const uint16_t* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                          const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
+                          float* spatial_sum);
 };
 
 extern const Kernels kScalarKernels;

@@ -81,11 +81,17 @@ struct Node {
 
   // Element types are checked here rather than declared in the op schema, so that a wrong one gets
   // an error saying what was expected. Absent optional inputs have an empty name.
-  void CheckTypes(const Ort::ConstKernelInfo& info, const std::vector<const char*>& names) const {
+  // Input 2 is uint64, the inputs listed in `activations` are `activation_type`, the others float32.
+  void CheckTypes(const Ort::ConstKernelInfo& info, const std::vector<const char*>& names,
+                  const std::vector<size_t>& activations = {},
+                  ONNXTensorElementDataType activation_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) const {
     for (size_t i = 0; i < info.GetInputCount() && i < names.size(); ++i) {
       if (info.GetInputName(i).empty()) continue;
       const auto type = info.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetElementType();
-      const auto expected = i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      const bool activation = std::find(activations.begin(), activations.end(), i) != activations.end();
+      const auto expected = i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64
+                            : activation ? activation_type
+                                         : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
       if (type != expected)
         Fail(std::string("input '") + names[i] + "' must be " + TypeName(expected) + ", got " + TypeName(type));
     }
@@ -283,13 +289,68 @@ void ReduceBandSums(const std::vector<double>& band_sums, int64_t images, int64_
     }
 }
 
+// IEEE binary16 <-> float32, bit exact (round to nearest even, as numpy's astype), for the float16
+// activations on paths that compute in float32.
+float HalfToFloatOne(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu, bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, NaN
+  } else if (exponent) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (!mantissa) {
+    bits = sign;
+  } else {  // subnormal: mantissa * 2^-24, normalized
+    int shifts = 0;
+    while (!(mantissa & 0x400u)) {
+      mantissa <<= 1;
+      ++shifts;
+    }
+    bits = sign | (uint32_t(113 - shifts) << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+uint16_t FloatToHalfOne(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+  const uint32_t a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // NaN stays (quiet) NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 (and inf): inf
+  if (a >= 0x38800000u)                                     // normal: exponent >= -14
+    return uint16_t(sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13));
+  if (a <= 0x33000000u) return sign;  // <= 2^-25: 0 (2^-25 itself ties to even)
+  const uint32_t full = (a & 0x7fffffu) | 0x800000u;
+  const int shift = 126 - int(a >> 23);  // half subnormal m * 2^-24: m = full >> shift, rounded
+  uint32_t m = full >> shift;
+  const uint32_t rest = full & ((1u << shift) - 1), tie = 1u << (shift - 1);
+  if (rest > tie || (rest == tie && (m & 1u))) ++m;
+  return uint16_t(sign | m);
+}
+
+void HalfToFloat(const uint16_t* in, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = HalfToFloatOne(in[i]);
+}
+
+void FloatToHalf(const float* in, size_t n, uint16_t* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = FloatToHalfOne(in[i]);
+}
+
 class ConvKernel {
  public:
   explicit ConvKernel(const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info(raw_info);
     node_.prefix = "BinaryConv2d node '" + info.GetNodeName() + "': ";
-    node_.CheckTypes(info, {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale", "residual",
-                            "prelu_slope", "spatial_weight", "spatial_bias"});
+    // X and residual: float32, or float16 in the overload registered for it (the type of X picks it).
+    half_ = info.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetElementType() ==
+            ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    node_.CheckTypes(info,
+                     {"X", "threshold", "weight", "scale", "bias", "spatial", "channel_scale", "residual",
+                      "prelu_slope", "spatial_weight", "spatial_bias"},
+                     {0, 7}, half_ ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     isa_ = &SelectOrFail(node_);
     std::vector<int64_t> k;
     try {
@@ -339,23 +400,29 @@ class ConvKernel {
     std::vector<int32_t> fix;                   // [classes][O][round_up(W, 32)]
   };
   std::shared_ptr<const RowTables> BuildRowTables(const PreparedWeights& wt, int H, int W) const;
+  // One call's tensors. x, residual and y are float, or float16 (uint16_t bits) when `half`.
   struct Args {
-    const float* x;
+    const void* x;
     const float* threshold;
     const PreparedWeights& wt;
-    const float *scale, *bias, *spatial, *channel, *residual, *slope, *spatial_weight;
+    const float *scale, *bias, *spatial, *channel;
+    const void* residual;
+    const float *slope, *spatial_weight;
     float spatial_bias;
-    float* y;
+    void* y;
     float* channel_mean;
     int n, h, w;
+    bool half;
   };
   void ComputeRows(const Ort::KernelContext& ctx, const Args& a) const;
+  void ComputeBands(const Ort::KernelContext& ctx, const Args& a) const;
 
   Node node_;
   const Kernels* isa_ = nullptr;
   int64_t kh_ = 0, kw_ = 0, channels_ = 0;
   bool skip_ = false;
   bool relu_ = false;
+  bool half_ = false;  // X, residual and Y are float16
   bool have_weights_ = false;
   PreparedWeights weights_;
   mutable std::mutex tables_mutex_;
@@ -365,8 +432,9 @@ class ConvKernel {
 void ConvKernel::Compute(OrtKernelContext* context) const {
   Ort::KernelContext ctx(context);
   const Node::Input x = node_.Get(ctx, 0);
+  const char* type = half_ ? "float16" : "float32";
   if (x.shape.size() != 4 || x.shape[1] != channels_)
-    node_.Fail("input 'X' must be float32 [N, C, H, W] with C = in_channels = " +
+    node_.Fail(std::string("input 'X' must be ") + type + " [N, C, H, W] with C = in_channels = " +
                std::to_string(channels_) + ", got " + ShapeString(x.shape));
   const int64_t n_images = x.shape[0], h_in = x.shape[2], w_in = x.shape[3];
   if (n_images > INT_MAX || h_in > INT_MAX || w_in > INT_MAX) node_.Fail("input 'X' is too large");
@@ -378,7 +446,8 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
   const Node::Input scale = node_.Get(ctx, 3), bias = node_.Get(ctx, 4), spatial = node_.Get(ctx, 5),
                     chan = node_.Get(ctx, 6), residual = node_.Get(ctx, 7), slope = node_.Get(ctx, 8);
   node_.Expect(scale, "scale", {O}, "float32 [O]");
-  if (residual.data) node_.Expect(residual, "residual", {n_images, O, h_in, w_in}, "float32 [N, O, H, W]");
+  if (residual.data)
+    node_.Expect(residual, "residual", {n_images, O, h_in, w_in}, half_ ? "float16 [N, O, H, W]" : "float32 [N, O, H, W]");
   if (slope.data) node_.Expect(slope, "prelu_slope", {O}, "float32 [O]");
   if (slope.data && relu_) node_.Fail("relu = 1 and a prelu_slope input: give one of them");
   const Node::Input spatial_w = node_.Get(ctx, 9), spatial_b = node_.Get(ctx, 10);
@@ -387,13 +456,11 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
     node_.Expect(spatial_w, "spatial_weight", {channels_}, "float32 [C]");
     node_.Expect(spatial_b, "spatial_bias", {1}, "float32 [1]");
   }
-  const auto* sw = static_cast<const float*>(spatial_w.data);
-  const float sb = spatial_b.data ? *static_cast<const float*>(spatial_b.data) : 0.f;
   if (bias.data) node_.Expect(bias, "bias", {O}, "float32 [O]");
   if (spatial.data) node_.Expect(spatial, "spatial", {n_images, 1, h_in, w_in}, "float32 [N, 1, H, W]");
   if (chan.data) node_.Expect(chan, "channel_scale", {n_images, O}, "float32 [N, O]");
 
-  float* y = ctx.GetOutput(0, {n_images, O, h_in, w_in}).GetTensorMutableData<float>();
+  void* y = ctx.GetOutput(0, {n_images, O, h_in, w_in}).GetTensorMutableRawData();
   // Optional output channel_mean [N, O]: the mean over H x W of each output channel (for a SCALES channel
   // vector of the next layer). Per band partial sums, added in band order: independent of the threads.
   float* channel_mean = ctx.GetOutputCount() > 1 ? ctx.GetOutput(1, {n_images, O}).GetTensorMutableData<float>()
@@ -402,11 +469,49 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
     if (channel_mean) std::fill(channel_mean, channel_mean + n_images * O, std::nanf(""));
     return;
   }
-  // Without a fused path: the spatial map from spatial_weight / spatial_bias, one pass before the conv.
+  Args a{x.data, static_cast<const float*>(node_.Get(ctx, 1).data), wt, static_cast<const float*>(scale.data),
+         static_cast<const float*>(bias.data), static_cast<const float*>(spatial.data),
+         static_cast<const float*>(chan.data), residual.data, static_cast<const float*>(slope.data),
+         static_cast<const float*>(spatial_w.data),
+         spatial_b.data ? *static_cast<const float*>(spatial_b.data) : 0.f, y, channel_mean,
+         int(n_images), int(h_in), int(w_in), half_};
+  const auto run = [&](const Args& args) {
+    if (isa_->conv_row) {
+      ComputeRows(ctx, args);
+    } else {
+      ComputeBands(ctx, args);
+    }
+  };
+  if (!half_ || isa_->pack_lines_half) {
+    run(a);
+    return;
+  }
+  // float16 on a path without it: float32 copies at the op's boundary (exact both ways but the rounding of Y).
+  const size_t x_count = size_t(n_images * channels_ * h_in * w_in), y_count = size_t(n_images * O * h_in * w_in);
+  std::vector<float> x32(x_count), residual32(residual.data ? y_count : 0), y32(y_count);
+  HalfToFloat(static_cast<const uint16_t*>(x.data), x_count, x32.data());
+  if (residual.data) HalfToFloat(static_cast<const uint16_t*>(residual.data), y_count, residual32.data());
+  a.x = x32.data();
+  a.residual = residual.data ? residual32.data() : nullptr;
+  a.y = y32.data();
+  a.half = false;
+  run(a);
+  FloatToHalf(y32.data(), y_count, static_cast<uint16_t*>(y));
+}
+
+// The portable path (Kernels::dot_tile): float32 activations only.
+void ConvKernel::ComputeBands(const Ort::KernelContext& ctx, const Args& a) const {
+  const int64_t n_images = a.n, h_in = a.h, w_in = a.w, O = a.wt.out_channels;
+  const PreparedWeights& wt = a.wt;
+  float* y = static_cast<float*>(a.y);
+  float* channel_mean = a.channel_mean;
+  const auto* sw = a.spatial_weight;
+  const float sb = a.spatial_bias;
+  // The spatial map from spatial_weight / spatial_bias, one pass before the conv.
   std::vector<float> spatial_map;
-  const void* spatial_data = spatial.data;
-  if (sw && !isa_->conv_row) {
-    const auto* xf = static_cast<const float*>(x.data);
+  const float* spatial_data = a.spatial;
+  if (sw) {
+    const auto* xf = static_cast<const float*>(a.x);
     const ptrdiff_t plane = h_in * w_in;
     spatial_map.assign(size_t(n_images * plane), 0.f);
     for (int64_t n = 0; n < n_images; ++n) {
@@ -417,15 +522,6 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
     }
     spatial_data = spatial_map.data();
   }
-  if (isa_->conv_row) {
-    ComputeRows(ctx, Args{static_cast<const float*>(x.data), static_cast<const float*>(node_.Get(ctx, 1).data),
-                          wt, static_cast<const float*>(scale.data), static_cast<const float*>(bias.data),
-                          static_cast<const float*>(spatial.data), static_cast<const float*>(chan.data),
-                          static_cast<const float*>(residual.data), static_cast<const float*>(slope.data), sw, sb,
-                          y, channel_mean, int(n_images), int(h_in), int(w_in)});
-    return;
-  }
-
   const Kernels& isa = *isa_;
   const int C = int(channels_), H = int(h_in), W = int(w_in), KH = int(kh_), KW = int(kw_);
   const int ph = KH / 2, pw = KW / 2, Wp = W + 2 * pw;
@@ -446,14 +542,14 @@ void ConvKernel::Compute(OrtKernelContext* context) const {
       std::min<ptrdiff_t>(32768 / row_words - 2 * ph, (n_images * H + min_bands - 1) / min_bands), 4, 32));
   const int bands_per_image = (H + band - 1) / band;
   const size_t bands = size_t(n_images) * bands_per_image;
-  const auto* xf = static_cast<const float*>(x.data);
-  const auto* thr = static_cast<const float*>(node_.Get(ctx, 1).data);
-  const auto* scale_f = static_cast<const float*>(scale.data);
-  const auto* bias_f = static_cast<const float*>(bias.data);
-  const auto* spatial_f = static_cast<const float*>(spatial_data);
-  const auto* chan_f = static_cast<const float*>(chan.data);
-  const auto* residual_f = static_cast<const float*>(residual.data);
-  const auto* slope_f = static_cast<const float*>(slope.data);
+  const auto* xf = static_cast<const float*>(a.x);
+  const float* thr = a.threshold;
+  const float* scale_f = a.scale;
+  const float* bias_f = a.bias;
+  const float* spatial_f = spatial_data;
+  const float* chan_f = a.channel;
+  const auto* residual_f = static_cast<const float*>(a.residual);
+  const float* slope_f = a.slope;
   const int32_t full = KH * KW * C;
   const EpilogueFn epilogue = SelectEpilogue(spatial_f, chan_f, bias_f, skip_);
   std::vector<double> band_sums(channel_mean ? bands * O : 0, 0.0);  // [band][O]: for channel_mean
@@ -604,6 +700,8 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
   const int ph = KH / 2, pw = KW / 2, words = int(Words(C));
   const ptrdiff_t plane = ptrdiff_t(H) * W, W32 = (W + 31) / 32 * 32, line = W32 + KW - 1;
   const int32_t full = KH * KW * C;
+  const ptrdiff_t bytes = a.half ? 2 : 4;  // per activation
+  const auto at = [bytes](const void* base, ptrdiff_t index) { return static_cast<const char*>(base) + index * bytes; };
   // The border correction tables, cached for the last image size when the weights are constant.
   std::shared_ptr<const RowTables> tables;
   {
@@ -654,11 +752,17 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
     }
     // Buffer row i holds image row h0 - ph + i: the band's rows are packed first, each channel streamed
     // through them (measured faster than packing each row just before it is needed).
-    const float* xn = a.x + ptrdiff_t(n) * C * plane;
+    const char* xn = at(a.x, ptrdiff_t(n) * C * plane);
     const int r0 = std::max(0, h0 - ph), r1 = std::min(H, h1 + ph);
-    isa.pack_lines(xn + ptrdiff_t(r0) * W, plane, C, r1 - r0, W, a.threshold,
-                   packed.data() + ptrdiff_t(r0 - h0 + ph) * words * line + pw, line, a.spatial_weight,
-                   a.spatial_weight ? sums.data() : nullptr);
+    uint64_t* lines = packed.data() + ptrdiff_t(r0 - h0 + ph) * words * line + pw;
+    float* spatial_sums = a.spatial_weight ? sums.data() : nullptr;
+    if (a.half) {
+      isa.pack_lines_half(reinterpret_cast<const uint16_t*>(at(xn, ptrdiff_t(r0) * W)), plane, C, r1 - r0, W,
+                          a.threshold, lines, line, a.spatial_weight, spatial_sums);
+    } else {
+      isa.pack_lines(reinterpret_cast<const float*>(at(xn, ptrdiff_t(r0) * W)), plane, C, r1 - r0, W, a.threshold,
+                     lines, line, a.spatial_weight, spatial_sums);
+    }
     for (int h = h0; h < h1; ++h) {
       const int cls = row_class[h];
       const bool inner = classes[cls] == std::pair<int, int>{0, KH};
@@ -679,19 +783,21 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
       row.bias = a.bias;
       row.channel = a.channel ? a.channel + ptrdiff_t(n) * O : nullptr;
       row.spatial = a.spatial ? a.spatial + n * plane + ptrdiff_t(h) * W : nullptr;
-      row.skip = skip_ ? a.x + ptrdiff_t(n) * C * plane + ptrdiff_t(h) * W : nullptr;
+      row.skip = skip_ ? at(xn, ptrdiff_t(h) * W) : nullptr;
       row.plane = plane;
-      row.residual = a.residual ? a.residual + ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W : nullptr;
+      row.residual = a.residual ? at(a.residual, ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W) : nullptr;
+      row.half = a.half;
       row.relu = relu_;
       row.slope = a.slope;
-      row.y = a.y + ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W;
+      row.y = const_cast<char*>(at(a.y, ptrdiff_t(n) * O * plane + ptrdiff_t(h) * W));
       // The next row's residual (else, with a skip, its X: the epilogue re-reads it) is fetched while this
       // row computes.
-      const float* next = a.residual ? a.residual + ptrdiff_t(n) * O * plane : skip_ ? xn : nullptr;
+      const char* next = a.residual ? at(a.residual, ptrdiff_t(n) * O * plane) : skip_ ? xn : nullptr;
       const bool ahead = next && h + 1 < H;
-      row.prefetch = ahead ? next + ptrdiff_t(h + 1) * W : nullptr;
-      row.prefetch_stride = plane;
+      row.prefetch = ahead ? at(next, ptrdiff_t(h + 1) * W) : nullptr;
+      row.prefetch_stride = plane * bytes;
       row.prefetch_rows = ahead ? O : 0;
+      row.prefetch_bytes = int(W * bytes);
       row.concat_channels = a.wt.concat_steps ? C : 0;
       row.kh = KH;
       row.kw = KW;
@@ -713,7 +819,10 @@ void ConvKernel::ComputeRows(const Ort::KernelContext& ctx, const Args& a) const
   if (a.channel_mean) ReduceBandSums(band_sums, a.n, bands_per_image, O, plane, a.channel_mean);
 }
 
-struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
+// Registered twice, for X (and Y) float32 and for X (and Y) float16: onnxruntime picks the overload whose
+// declared input types match the node, and takes Y's type from it.
+template <ONNXTensorElementDataType kActivation>
+struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp<kActivation>, ConvKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return Guard([&] { *kernel = new ConvKernel(info); });
   }
@@ -721,14 +830,18 @@ struct BinaryConv2dOp : Ort::CustomOpBase<BinaryConv2dOp, ConvKernel, true> {
   // X, threshold, weight, scale, bias?, spatial?, channel_scale?, residual?, prelu_slope?, spatial_weight?,
   // spatial_bias?
   size_t GetInputTypeCount() const { return 11; }
-  // Any type here: the kernel checks them (Node::CheckTypes) with a better message.
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  // Any type but X's here: the kernel checks them (Node::CheckTypes) with a better message.
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? kActivation : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  // Y, channel_mean?
+  // Y, channel_mean? (float32)
   size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? kActivation : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
     return i == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
@@ -1011,7 +1124,8 @@ SRB_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
         ORT_FAIL, "srbinarize: this onnxruntime is older than the headers the library was built with");
   }
   Ort::InitApi(api);
-  static srb::BinaryConv2dOp conv_op;
+  static srb::BinaryConv2dOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> conv_op;
+  static srb::BinaryConv2dOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> half_conv_op;
   static srb::BinaryLinearOp linear_op;
   static srb::ShuffleTapsOp shuffle_taps_op;
   // Domains must outlive every session that uses them: keep them until the library is unloaded.
@@ -1020,6 +1134,7 @@ SRB_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
   return srb::Guard([&] {
     Ort::CustomOpDomain domain(srb::kDomain);
     domain.Add(&conv_op);
+    domain.Add(&half_conv_op);
     domain.Add(&linear_op);
     domain.Add(&shuffle_taps_op);
     Ort::UnownedSessionOptions(options).Add(domain);

@@ -56,9 +56,10 @@ def conv_model(
     **attributes,
 ) -> bytes:
     """``BinaryConv2d``: inputs X [N, C, H, W] (+ spatial [N, 1, H, W], channel_scale [N, O], residual
-    [N, O, H, W] when asked)."""
+    [N, O, H, W] when asked). Residual and Y have X's type where it is float16, else float32."""
     o = np.asarray(weight).shape[0]
     x_shape = x_shape or ["N", in_channels, "H", "W"]
+    activation = TensorProto.FLOAT16 if np.dtype(x_dtype) == np.float16 else TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("X", _elem(x_dtype), x_shape)]
     init = {"threshold": threshold, "scale": scale}
     if weight_input:
@@ -76,7 +77,7 @@ def conv_model(
         inputs.append(helper.make_tensor_value_info("channel_scale", TensorProto.FLOAT, ["N", o]))
         names[6] = "channel_scale"
     if residual:
-        inputs.append(helper.make_tensor_value_info("residual", TensorProto.FLOAT, ["N", o, "H", "W"]))
+        inputs.append(helper.make_tensor_value_info("residual", activation, ["N", o, "H", "W"]))
         names[7] = "residual"
     if prelu_slope is not None:
         init["prelu_slope"] = prelu_slope
@@ -89,7 +90,9 @@ def conv_model(
     attrs = {"kernel_shape": list(kernel_shape), "in_channels": in_channels, "skip": int(skip), **attributes}
     outputs = ["Y", "channel_mean"] if channel_mean else ["Y"]  # channel_mean: second output [N, O]
     node = helper.make_node("BinaryConv2d", names, outputs, name=name, domain=DOMAIN, **attrs)
-    return _model(node, inputs, init, *(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs))
+    types = [activation, TensorProto.FLOAT][: len(outputs)]
+    return _model(node, inputs, init,
+                  *(helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types, strict=True)))
 
 
 def linear_model(
