@@ -253,8 +253,9 @@ def test_conv_epilogue_shapes_exact(path, with_bias, add, act):
 @pytest.mark.parametrize("add", ["none", "skip", "residual"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_conv_map_epilogue_shapes_exact(path, with_bias, add, act):
-    """Spatial map and channel scale together (SCALES' binary convs; the AVX2 rows compile these shapes
-    separately) with bias, skip or residual and ReLU: bit for bit the op's fp32 order, partial tiles."""
+    """Spatial map and channel scale together (SCALES' binary convs; the AVX-512 and AVX2 rows compile these
+    shapes separately) with bias, skip or residual and ReLU: bit for bit the op's fp32 order, partial tiles;
+    with the channel_mean output where there is a bias (the mean of Y)."""
     for case, (c, hw) in enumerate([(64, (5, 37)), (48, (4, 70)), (80, (3, 9))]):
         rng = np.random.default_rng([case, with_bias, len(add), len(act), 7])
         x, thr, wt, scale, bias = _epilogue_inputs(rng, c, hw, with_bias)
@@ -263,11 +264,13 @@ def test_conv_map_epilogue_shapes_exact(path, with_bias, add, act):
         res = rng.standard_normal(x.shape).astype(np.float32)
         model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(3, 3), in_channels=c,
                            skip=int(add == "skip"), residual=add == "residual", spatial=True, channel_scale=True,
-                           **({"relu": 1} if act == "relu" else {}))
+                           channel_mean=with_bias, **({"relu": 1} if act == "relu" else {}))
         feeds = {"X": x, "spatial": spatial, "channel_scale": chan, **({"residual": res} if add == "residual" else {})}
-        y = ort_session(model).run(None, feeds)[0]
+        out = ort_session(model).run(None, feeds)
         t = _epilogue_reference(x, thr, wt, scale, bias, add, res, act, spatial=spatial, chan=chan)
-        np.testing.assert_array_equal(y, t, err_msg=f"C = {c}, H x W = {hw}")
+        np.testing.assert_array_equal(out[0], t, err_msg=f"C = {c}, H x W = {hw}")
+        if with_bias:
+            np.testing.assert_allclose(out[1], t.mean(axis=(2, 3), dtype=np.float64), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("form", ["plain", "skip+relu", "residual", "maps+residual", "maps+relu+mean"])

@@ -178,10 +178,11 @@ inline __mmask16 lanes(int rem) {
 }
 
 // The epilogue's shape known at compile time: kGeneric tests every optional input at run time; any
-// other value is a set of the flags below (no spatial map, channel scale or channel sums; at most one
-// of skip and residual, read through one pointer). Testing the optional inputs per 16 outputs took
-// about a sixth of a plain 64->64 conv's row time; the common shapes get their own code without them.
-constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8;
+// other value is a set of the flags below (at most one of skip and residual, read through one pointer;
+// kMaps: both the spatial map and the channel scale, as in SCALES' binary convs, with the channel sums
+// added when asked for; without kMaps, neither map nor channel sums). Testing the optional inputs per 16
+// outputs took about a sixth of a plain 64->64 conv's row time; the common shapes get their own code.
+constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8, kMaps = 16;
 
 // 16 output values of channel o from two 8-pixel count vectors, in the op's fp32 order; lanes from
 // pixel p + rem on are neither loaded nor stored. `add`: the skip or residual plane (F & kAdd). H: the
@@ -200,8 +201,8 @@ inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, 
   __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.scale[o]));
   constexpr bool generic = F == kGeneric;
   const ptrdiff_t at = o * a.plane + p;
-  if (generic && a.spatial) t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, a.spatial + p));
-  if (generic && a.channel) t = _mm512_mul_ps(t, _mm512_set1_ps(a.channel[o]));
+  if (generic ? a.spatial != nullptr : (F & kMaps) != 0) t = _mm512_mul_ps(t, _mm512_maskz_loadu_ps(m, a.spatial + p));
+  if (generic ? a.channel != nullptr : (F & kMaps) != 0) t = _mm512_mul_ps(t, _mm512_set1_ps(a.channel[o]));
   if (generic ? a.bias != nullptr : (F & kBias) != 0) t = _mm512_add_ps(t, _mm512_set1_ps(a.bias[o]));
   if (generic && a.skip) t = _mm512_add_ps(t, load16<H>(a.skip, at, m));
   if (generic && a.residual) t = _mm512_add_ps(t, load16<H>(a.residual, at, m));
@@ -246,9 +247,9 @@ inline void row_tile(const ConvRow& a, int p, int np, const void* add, bool stre
 #pragma GCC unroll 2
       for (int v = 0; v < V; v += 2) {
         const __m512 t = row_epilogue<F, H>(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1], add, stream);
-        if (F == kGeneric && a.channel_sums) sum = _mm512_add_ps(sum, t);
+        if (F == kGeneric ? a.channel_sums != nullptr : (F & kMaps) != 0) sum = _mm512_add_ps(sum, t);
       }
-      if (F == kGeneric && a.channel_sums) {
+      if ((F == kGeneric || (F & kMaps)) && a.channel_sums) {
         float* sums = a.channel_sums + (o0 + oc) * 16;
         _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_loadu_ps(sums), sum));
       }
@@ -336,10 +337,20 @@ void spatial_row(const ConvRow& a) {
 // The row with its epilogue's shape (see kGeneric) and activation type as compile-time parameters.
 template <bool H>
 void conv_row_as(const ConvRow& a) {
-  const bool generic = a.spatial || a.channel || a.channel_sums || (a.skip && a.residual);
+  const bool maps = a.spatial && a.channel;
+  const bool generic = (a.skip && a.residual) || (maps ? a.slope != nullptr : a.spatial || a.channel || a.channel_sums);
   const void* add = a.skip ? a.skip : a.residual;
-  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0);
+  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0) |
+                    (maps ? kMaps : 0);
   switch (generic ? kGeneric : shape) {
+    case kMaps: row_tiles_steps<kMaps, H>(a, add); break;
+    case kMaps | kBias: row_tiles_steps<kMaps | kBias, H>(a, add); break;
+    case kMaps | kAdd: row_tiles_steps<kMaps | kAdd, H>(a, add); break;
+    case kMaps | kBias | kAdd: row_tiles_steps<kMaps | kBias | kAdd, H>(a, add); break;
+    case kMaps | kRelu: row_tiles_steps<kMaps | kRelu, H>(a, add); break;
+    case kMaps | kBias | kRelu: row_tiles_steps<kMaps | kBias | kRelu, H>(a, add); break;
+    case kMaps | kAdd | kRelu: row_tiles_steps<kMaps | kAdd | kRelu, H>(a, add); break;
+    case kMaps | kBias | kAdd | kRelu: row_tiles_steps<kMaps | kBias | kAdd | kRelu, H>(a, add); break;
     case 0: row_tiles_steps<0, H>(a, add); break;
     case kBias: row_tiles_steps<kBias, H>(a, add); break;
     case kAdd: row_tiles_steps<kAdd, H>(a, add); break;
@@ -352,7 +363,7 @@ void conv_row_as(const ConvRow& a) {
     case kBias | kPrelu: row_tiles_steps<kBias | kPrelu, H>(a, add); break;
     case kAdd | kPrelu: row_tiles_steps<kAdd | kPrelu, H>(a, add); break;
     case kBias | kAdd | kPrelu: row_tiles_steps<kBias | kAdd | kPrelu, H>(a, add); break;
-    default: row_tiles_steps<kGeneric, H>(a, add);  // spatial map, channel scale, channel sums, skip + residual
+    default: row_tiles_steps<kGeneric, H>(a, add);  // one map alone, maps + PReLU, skip + residual
   }
 }
 
