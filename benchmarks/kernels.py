@@ -28,6 +28,7 @@ from srbinarize.runtime.packing import pack_conv_weight, pack_linear_weight
 
 OUT = Path(__file__).resolve().parent / "results" / "kernels.md"
 FLAGS = ("popcnt", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vpopcntdq", "avx512_vnni")
+HALF_NATIVE = ("avx512",)  # paths whose rows read and write float16 activations (others convert: slower)
 
 
 def cpu_description() -> str:
@@ -54,20 +55,23 @@ def session(model: bytes, threads: int, path: str | None = None):
     return ort_session(model, config=CONFIG, intra_op_num_threads=threads, inter_op_num_threads=1)
 
 
-def interleaved_medians(sessions: dict, feeds: dict, runs: int, cpu: dict | None = None) -> dict:
+def interleaved_medians(sessions: dict, feeds: dict, runs: int, cpu: dict | None = None,
+                        own_feeds: dict | None = None) -> dict:
     """Median wall time (ms) of each session, runs interleaved; one warm-up run each.
 
-    `cpu`, when given, receives the median CPU time (ms) of this process per run: on a machine shared with
-    other work it is not inflated by waiting for a core, so at 1 thread its ratio is the ratio of work.
+    `own_feeds` maps a session's name to its own inputs (else it runs on `feeds`). `cpu`, when given,
+    receives the median CPU time (ms) of this process per run: on a machine shared with other work it is
+    not inflated by waiting for a core, so at 1 thread its ratio is the ratio of work.
     """
+    inputs = {name: (own_feeds or {}).get(name, feeds) for name in sessions}
     times = {name: [] for name in sessions}
     cpu_times = {name: [] for name in sessions}
-    for s in sessions.values():
-        s.run(None, feeds)
+    for name, s in sessions.items():
+        s.run(None, inputs[name])
     for _ in range(runs):
         for name, s in sessions.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            s.run(None, feeds)
+            s.run(None, inputs[name])
             times[name].append(time.perf_counter() - t0)
             cpu_times[name].append(time.process_time() - c0)
     if cpu is not None:
@@ -76,15 +80,16 @@ def interleaved_medians(sessions: dict, feeds: dict, runs: int, cpu: dict | None
 
 
 def conv_case(rng, c: int = 64):
+    """Title, input, FP32 model, binary model and the binary model with float16 X and Y."""
     n, o, k, h, w = 1, c, 3, 256, 256
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     weight = rng.standard_normal((o, c, k, k)).astype(np.float32) * 0.05
     bias = rng.standard_normal(o).astype(np.float32)
     scale = np.abs(weight).mean(axis=(1, 2, 3)).astype(np.float32)
-    binary = conv_model(
-        np.zeros(c, np.float32), pack_conv_weight(weight), scale, bias, kernel_shape=(k, k), in_channels=c
-    )
-    return f"Conv {k}x{k} {c}->{o}, {n}x{c}x{h}x{w}", x, fp32_conv_model(weight, bias), binary
+    binary = {dtype: conv_model(np.zeros(c, np.float32), pack_conv_weight(weight), scale, bias, kernel_shape=(k, k),
+                                in_channels=c, x_dtype=dtype) for dtype in (np.float32, np.float16)}
+    return f"Conv {k}x{k} {c}->{o}, {n}x{c}x{h}x{w}", x, fp32_conv_model(weight, bias), binary[np.float32], \
+        binary[np.float16]
 
 
 def linear_case(rng):
@@ -94,7 +99,7 @@ def linear_case(rng):
     bias = rng.standard_normal(o).astype(np.float32)
     scale = np.abs(weight).mean(axis=1).astype(np.float32)
     binary = linear_model(np.zeros(k, np.float32), pack_linear_weight(weight), scale, bias, in_features=k)
-    return f"Linear {k}->{o}, 1x{tokens}x{k}", x, fp32_linear_model(weight, bias), binary
+    return f"Linear {k}->{o}, 1x{tokens}x{k}", x, fp32_linear_model(weight, bias), binary, None
 
 
 def main(argv=None) -> None:
@@ -121,20 +126,24 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     rows = []
     cases = [conv_case(rng, c) for c in args.channels] + ([] if args.no_linear else [linear_case(rng)])
-    for title, x, fp32_model, binary_model in cases:
+    for title, x, fp32_model, binary_model, half_model in cases:
         for threads in args.threads:
             for p in paths:
-                # One pair of sessions at a time: the idle thread pools of other sessions would spin on
-                # the same cores.
+                # One group of sessions at a time: the idle thread pools of other sessions would spin on
+                # the same cores. Float16 activations where this path reads and writes them natively.
                 sessions = {"fp32": session(fp32_model, threads), p: session(binary_model, threads, p)}
+                half = f"{p}, float16 X and Y"
+                if half_model is not None and p in HALF_NATIVE:
+                    sessions[half] = session(half_model, threads, p)
                 now = " ".join(Path("/proc/loadavg").read_text().split()[:3])
                 cpu: dict = {}
-                ms = interleaved_medians(sessions, {"X": x}, args.runs, cpu)
+                ms = interleaved_medians(sessions, {"X": x}, args.runs, cpu, {half: {"X": x.astype(np.float16)}})
+                for name in list(sessions)[1:]:
+                    ratio, cpu_ratio = ms["fp32"] / ms[name], cpu["fp32"] / cpu[name]
+                    rows.append(f"| {title} | {threads} | {name} | {now} | {ms['fp32']:.2f} | {ms[name]:.2f} |"
+                                f" {ratio:.2f}x | {cpu['fp32']:.2f} | {cpu[name]:.2f} | {cpu_ratio:.2f}x |")
+                    print(rows[-1], flush=True)
                 del sessions
-                ratio, cpu_ratio = ms["fp32"] / ms[p], cpu["fp32"] / cpu[p]
-                rows.append(f"| {title} | {threads} | {p} | {now} | {ms['fp32']:.2f} | {ms[p]:.2f} | {ratio:.2f}x |"
-                            f" {cpu['fp32']:.2f} | {cpu[p]:.2f} | {cpu_ratio:.2f}x |")
-                print(rows[-1], flush=True)
     if forced is None:
         os.environ.pop(KERNEL_ENV, None)
     else:
@@ -154,7 +163,8 @@ def main(argv=None) -> None:
             + "  ",
             f"onnxruntime {onnxruntime.__version__}; median of {args.runs} runs, FP32 and binary runs interleaved;"
             " speed-up = FP32 ms / binary ms. Binary ops include binarizing and packing the FP32 input and the"
-            " fused scale + bias epilogue; the FP32 ops include their bias.",
+            " fused scale + bias epilogue; the FP32 ops include their bias. Rows \"float16 X and Y\": the same"
+            " binary op on float16 activations (the export's `activations=\"float16\"`), against the same FP32 op.",
             "",
             "CPU ms: CPU time of the process per run (all its threads), not inflated by waiting for a core on"
             " a shared machine; at 1 thread its ratio is the ratio of work.",
