@@ -96,7 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .export.onnx import export_onnx
 
     check_output(args.output, {"input checkpoint": args.checkpoint}, "-o")
-    print(export_onnx(load_model(args.checkpoint), args.output, remainder=args.remainder))
+    print(export_onnx(load_model(args.checkpoint), args.output, remainder=args.remainder,
+                      activations=args.activations))
 
 
 def _cmd_upscale(args: argparse.Namespace) -> None:
@@ -144,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remainder", choices=("fp32", "int8"), default="fp32",
                    help="the convs the recipe left FP: FP32 (exact, default) or int8 QDQ calibrated on the "
                    "conversion's default batch (faster; 0.02-0.07 dB on Set5 x4 for the shared models measured)")
+    p.add_argument("--activations", choices=("float32", "float16"), default=None,
+                   help="tensors between chained binary convs: float16 (less memory traffic; refused where the "
+                   "calibration batch exceeds the float16 bound) or float32; default: float16 where this CPU "
+                   "runs the fused AVX-512 kernel, else float32")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("upscale", help="upscale an image with an exported .onnx model (tiled, onnxruntime)")

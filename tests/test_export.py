@@ -82,7 +82,7 @@ def test_scales_parity_at_two_sizes(case, fold, tmp_path):
     factory, overrides = CASES[case]
     model = with_active_branches(srbinarize.convert(factory(num_block=2), "scales", **overrides).eval())
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=fold)
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=fold, activations="float32")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ScalesConv2d)}
     nodes = {n.name: n for n in binary_nodes(path)}
     assert set(nodes) == set(layers) and len(report.packed) == len(layers) > 0
@@ -111,7 +111,7 @@ def test_partial_binarization_exports_as_fp_ops(tmp_path):
 def test_dynamic_batch_and_packed_weights(tmp_path):
     model = srbinarize.convert(edsr(num_block=1, num_feat=70), "scales").eval()  # 70 channels: two words
     path = tmp_path / "m.onnx"
-    export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    export_onnx(model, path, torch.rand(1, 3, 16, 16), activations="float32")
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
@@ -167,7 +167,7 @@ def test_bam_lmb_ma_deployed_forms(case, tmp_path):
     model = convert_small(factory(), recipe, **overrides).eval()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), activations="float32")
     assert len(report.packed) == len(layers) > 0
     nodes = {n.name for n in binary_nodes(path)}
     binary_acts = recipe != "ma" and "binarize_activations" not in overrides
@@ -192,7 +192,7 @@ def test_cli_export_from_checkpoint(tmp_path, capsys):
     model = srbinarize.convert(spec.build().eval(), "scales").eval()
     ckpt = save_model(model, tmp_path / "edsr.safetensors", spec)
     out = tmp_path / "edsr.onnx"
-    assert main(["export", str(ckpt), "-o", str(out)]) == 0
+    assert main(["export", str(ckpt), "-o", str(out), "--activations", "float32"]) == 0
     assert "packed (1-bit weights): 5" in capsys.readouterr().out
     check_parity(model, out, sizes=((20, 20),))
     assert main(["export", str(ckpt), "-o", str(tmp_path / "q.onnx"), "--remainder", "int8"]) == 0
@@ -264,7 +264,7 @@ def test_residual_add_and_relu_fold_into_the_binary_ops(tmp_path):
     channel vector takes of a binary conv's output its channel_mean output; output unchanged."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2), "scales").eval())
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True)
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True, activations="float32")
     assert report.fused == ["body.0.conv1: + relu", "body.0.conv2: + residual", "body.1.conv1: + relu",
                             "body.1.conv2: + residual", "conv_after_body: + residual",
                             *(f"body.{b}.conv{c}: + channel_mean" for b in (0, 1) for c in (1, 2))]
@@ -283,7 +283,7 @@ def test_efdn_prelu_and_relu_fold_and_match_pytorch(tmp_path):
     """A real lightweight model: its PReLUs after binary convs become the ops' prelu_slope; same output."""
     model = srbinarize.convert(shared_zoo.load("team01_efdn"), "scales").eval()
     path = tmp_path / "efdn.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True)
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True, activations="float32")
     assert sum(line.count("+ PRelu") for line in report.fused) == 12
     assert "PRelu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
     slopes = [n for n in binary_nodes(path) if len(n.input) > 8 and n.input[8]]

@@ -70,8 +70,9 @@ def test_binary_edsr_with_int8_remainder_folds_into_shuffle_taps(tmp_path):
     goes straight into ShuffleTaps; the output stays within the int8 remainder's tolerance."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2, num_feat=32), "scales").eval())
     calib = set5_crops((24, 24), n=4)
-    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
-    q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib)
+    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16), activations="float32")
+    q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib,
+                    activations="float32")
     assert fp.shuffle_folded == q.shuffle_folded == ["upsample.0 + conv_last"]
     assert q.int8 == ["upsample.0"] and not any(line.startswith("conv_last:") for line in q.fp)
     assert "DepthToSpace" not in ops(q.path) and ops(q.path).count("ShuffleTaps") == 1

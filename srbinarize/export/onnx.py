@@ -51,6 +51,7 @@ from ..layers.scales import ScalesConv2d, _ScalesBase
 from ..models.input_range import model_input_range
 from ..runtime import DOMAIN, cpu_has_vnni, kernel_supported
 from ..runtime.packing import pack_conv_weight, pack_linear_weight
+from .half import float16_tensors, to_float16
 from .onnx_graph import consumers as graph_consumers
 from .shuffle_fold import fold_shuffle_convs
 
@@ -77,6 +78,7 @@ class ExportReport:
     fused: list[str] = field(default_factory=list)  # "name: + residual, + relu" (ops folded into a binary op)
     qdq: list[str] = field(default_factory=list)  # FQSR layers, written as QuantizeLinear / DequantizeLinear
     shuffle_folded: list[str] = field(default_factory=list)  # "upsample.0 + conv_last": see `shuffle_fold`
+    float16: list[str] = field(default_factory=list)  # "t15.f16: output of body.0.conv1": see `half`
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.file_bytes / 1024:.1f} KiB)", f"packed (1-bit weights): {len(self.packed)}"]
@@ -90,6 +92,9 @@ class ExportReport:
                          + ", ".join(self.shuffle_folded))
         if self.int8:
             lines.append(f"int8 QDQ (onnxruntime QLinearConv): {', '.join(self.int8)}")
+        if self.float16:
+            lines += [f"float16 activations (chained binary convs): {len(self.float16)} tensors",
+                      *(f"  {t}" for t in self.float16)]
         lines.append("stayed FP (standard ONNX ops):")
         lines += [f"  {p}" for p in self.fp]
         return "\n".join(lines)
@@ -616,6 +621,11 @@ def _finish(model: onnx.ModelProto, fold: bool = False) -> list[str]:
 
 
 REMAINDERS = ("fp32", "int8")
+ACTIVATIONS = ("float32", "float16")
+#: activations="float16" refuses a tensor whose max |value| over the calibration batch exceeds this. float16
+#: overflows above 65504; the factor of 2 below it is headroom for inputs larger or brighter than the calibration
+#: patches (an SR body's activations grow with image content, and the patches are a small sample of it).
+FLOAT16_BOUND = 2.0**15
 #: A remainder conv with fewer products per output (in channels x kernel area) stays FP32: quantizing its
 #: input and dequantizing its output cost more than the integer GEMM saves. Measured, 1 thread, 256x256:
 #: 3->64 3x3 (27) 2.8 ms FP32 vs 4.8 int8; 48->48 1x1 (48) 6.5 vs 3.3; 8->48 3x3 (72) 3.4 vs 2.6.
@@ -629,6 +639,29 @@ def _activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     return float(np.float32(scale)), int(np.clip(round(-lo / scale), 0, 255))
 
 
+def _probe_ranges(proto: onnx.ModelProto, tensors: list[str],
+                  batch: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """Min and max of each float32 tensor named in `tensors` over `batch` (4 images a run), computed by the graph
+    itself in onnxruntime (the named tensors added as outputs of a copy)."""
+    from onnx import TensorProto, helper
+
+    from ..runtime import ort_session
+
+    probe = copy.deepcopy(proto)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors
+                              if t not in known)
+    session = ort_session(probe.SerializeToString(), config={"session.intra_op.allow_spinning": "0"})
+    out_names = [o.name for o in session.get_outputs()]
+    lo = dict.fromkeys(tensors, np.inf)
+    hi = dict.fromkeys(tensors, -np.inf)
+    for start in range(0, len(batch), 4):
+        values = dict(zip(out_names, session.run(None, {"x": batch[start:start + 4]}), strict=True))
+        for t in tensors:
+            lo[t], hi[t] = min(lo[t], float(values[t].min())), max(hi[t], float(values[t].max()))
+    return lo, hi
+
+
 def _remainder_int8(proto: onnx.ModelProto, names: list[str], batch: np.ndarray, weight_bits: int) -> list[str]:
     """Rewrite the plain FP convs named `names` (module paths) as int8 QDQ that onnxruntime fuses to QLinearConv.
 
@@ -636,7 +669,7 @@ def _remainder_int8(proto: onnx.ModelProto, names: list[str], batch: np.ndarray,
     weights: int8 symmetric per output channel, codes within +-(2**(weight_bits-1) - 1); bias: int32 on the
     grid of input step x weight step. Returns the names rewritten.
     """
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
@@ -647,21 +680,7 @@ def _remainder_int8(proto: onnx.ModelProto, names: list[str], batch: np.ndarray,
     if not targets:
         return []
     tensors = list(dict.fromkeys([n.input[0] for n in targets] + [n.output[0] for n in targets]))
-    probe = copy.deepcopy(proto)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors
-                              if t not in known)
-    from ..runtime import ort_session
-
-    session = ort_session(probe.SerializeToString(), config={"session.intra_op.allow_spinning": "0"})
-    out_names = [o.name for o in session.get_outputs()]
-    lo = dict.fromkeys(tensors, np.inf)
-    hi = dict.fromkeys(tensors, -np.inf)
-    for start in range(0, len(batch), 4):
-        values = dict(zip(out_names, session.run(None, {"x": batch[start:start + 4]}), strict=True))
-        for t in tensors:
-            lo[t], hi[t] = min(lo[t], float(values[t].min())), max(hi[t], float(values[t].max()))
-    del session
+    lo, hi = _probe_ranges(proto, tensors, batch)
 
     qmax = 2 ** (weight_bits - 1) - 1
     new_inits: list[onnx.TensorProto] = []
@@ -762,6 +781,7 @@ def export_onnx(
     calibration_data: torch.Tensor | None = None,
     remainder_weight_bits: int | None = None,
     fold: bool | None = None,
+    activations: str | None = None,
 ) -> ExportReport:
     """Write a converted (or FP) ``model`` as ONNX to ``path`` (atomically): 1-bit ops, or QDQ for FQSR.
 
@@ -783,14 +803,26 @@ def export_onnx(
     Add / Relu / PRelu / LeakyRelu consumer, its 1x1 spatial map and the next channel vector's global mean
     into the op (`ExportReport.fused`); same outputs, faster with the AVX-512 kernel, slower with the AVX2
     and scalar ones (measured, README). Pass it for the CPU that runs the file.
+
+    ``activations`` (default: ``"float16"`` where ``fold`` is on, else ``"float32"``): with ``"float16"`` the
+    binary convs that feed each other (X or residual) read and write float16 tensors, with a Cast wherever a
+    float32 tensor enters them or a float16 one leaves (`srbinarize.export.half`, `ExportReport.float16`);
+    input ``x`` and output ``y`` stay float32. The float32 graph runs once on the calibration batch (as for
+    the int8 remainder; without a conversion record or ``calibration_data``: ``example_input``) and a tensor
+    whose max |value| exceeds `FLOAT16_BOUND` is refused.
     """
     if remainder not in REMAINDERS:
         raise OnnxExportError(f"remainder={remainder!r}: expected one of {REMAINDERS}")
+    if activations is not None and activations not in ACTIVATIONS:
+        raise OnnxExportError(f"activations={activations!r}: expected one of {ACTIVATIONS} (or None: float16 "
+                              "where fold is on)")
     if fold is None:  # the folds pay off with the fused AVX-512 kernel and cost time on the others (measured)
         try:
             fold = kernel_supported("avx512")
         except FileNotFoundError:  # no kernel library built here: export for the portable paths
             fold = False
+    if activations is None:  # float16 pays where the memory traffic is what is left: the fused AVX-512 path
+        activations = "float16" if fold else "float32"
     if remainder_weight_bits is None:
         remainder_weight_bits = 8 if cpu_has_vnni() else 7
     if remainder_weight_bits not in (7, 8):
@@ -825,6 +857,8 @@ def export_onnx(
             report.fp = [line + (f"; FP32 in the int8 remainder (grouped, or under {MIN_INT8_PRODUCTS} products "
                                  "per output: faster in FP32)" if line.split(":", 1)[0] in left else "")
                          for line in report.fp if line.split(":", 1)[0] not in report.int8]
+        if activations == "float16":
+            report.float16 = _float16_activations(proto, model, example_input, calibration_data)
         _document_range(proto, model)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
@@ -863,15 +897,38 @@ def _export_fqsr(model: nn.Module, layers: list, path: Path, example_input: torc
     return report
 
 
-def _calibration_batch(model: nn.Module, example: torch.Tensor, given: torch.Tensor | None) -> np.ndarray:
-    """The batch the int8 remainder is calibrated on: `given`, else the conversion's default batch."""
+def _float16_activations(proto: onnx.ModelProto, model: nn.Module, example: torch.Tensor,
+                         given: torch.Tensor | None) -> list[str]:
+    """`to_float16` on `proto` once the float32 graph's values on the calibration batch (else `example`) are
+    checked against `FLOAT16_BOUND`; returns the report lines."""
+    tensors = float16_tensors(proto.graph)
+    if not tensors:
+        return []
+    lo, hi = _probe_ranges(proto, list(tensors), _calibration_batch(model, example, given, fallback=True))
+    for tensor, role in tensors.items():
+        peak = max(-lo[tensor], hi[tensor])
+        if not peak <= FLOAT16_BOUND:  # (NaN too)
+            raise OnnxExportError(
+                f'activations="float16": tensor {tensor} ({role}) reaches max |value| {peak:.4g} on the calibration'
+                f" batch, above {FLOAT16_BOUND:.0f} (float16 overflows above 65504; the bound leaves headroom for"
+                ' larger inputs): export with activations="float32"')
+    return to_float16(proto.graph)
+
+
+def _calibration_batch(model: nn.Module, example: torch.Tensor, given: torch.Tensor | None,
+                       fallback: bool = False) -> np.ndarray:
+    """The batch the int8 remainder / float16 check run on: `given`, else the conversion's default batch, else
+    (with `fallback`) `example`."""
     if given is None:
         from ..convert import conversion_info, default_calibration_batch
 
         info = conversion_info(model)
-        if info is None:
+        if info is not None:
+            given = default_calibration_batch(info.recipe.calibration, info.in_channels)
+        elif fallback:
+            given = example
+        else:
             raise OnnxExportError('remainder="int8" needs calibration_data=...: the model carries no conversion record')
-        given = default_calibration_batch(info.recipe.calibration, info.in_channels)
     if given.ndim != 4 or given.shape[1] != example.shape[1]:
         raise OnnxExportError(f"calibration_data must be (N, {example.shape[1]}, H, W), got {tuple(given.shape)}")
     return given.detach().float().contiguous().numpy()
@@ -884,4 +941,5 @@ def deployed_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return work(x)
 
 
-__all__ = ["REMAINDERS", "ExportReport", "OnnxExportError", "deployed_forward", "deployed_output", "export_onnx"]
+__all__ = ["ACTIVATIONS", "FLOAT16_BOUND", "REMAINDERS", "ExportReport", "OnnxExportError", "deployed_forward",
+           "deployed_output", "export_onnx"]
