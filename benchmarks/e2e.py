@@ -7,7 +7,9 @@ For each model three ONNX files run in onnxruntime on the same input with the sa
 - ORT int8: ``onnxruntime.quantization.quantize_static`` of that file (QDQ, per-channel QInt8 weights,
   QUInt8 activations, MinMax calibration on LR patches of BSD100, the finetuning split) -- the one-call
   alternative a user has;
-- SCALES: ``srbinarize.convert(model, "scales")`` written by `export_onnx`.
+- SCALES: ``srbinarize.convert(model, "scales")`` written by `export_onnx` (float32 activations), also with
+  the int8 remainder (``remainder="int8"``) and with the int8 remainder and float16 activations between the
+  chained binary convs (``activations="float16"``).
 
 Runs are interleaved (background load hits all alike), one warm-up each; the table reports medians and the
 speed-up of SCALES over both peers. Models: basicsr EDSR x2 16x64 (random weights: speed does not depend on
@@ -123,11 +125,14 @@ def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads:
     example = torch.rand(1, 3, 32, 32)
     paths = {"fp32": fp32_onnx(model, tmp / f"{name}_fp32.onnx", example)}
     paths["int8"] = ort_int8(paths["fp32"], tmp / f"{name}_int8.onnx", patches(scale, 8, 64, seed=3))
-    report = export_onnx(binary, tmp / f"{name}_scales.onnx", example, fold=fold)
+    report = export_onnx(binary, tmp / f"{name}_scales.onnx", example, fold=fold, activations="float32")
     paths["scales"] = report.path
     mixed = export_onnx(binary, tmp / f"{name}_scales_int8.onnx", example, remainder="int8", calibration_data=calib,
-                        fold=fold)
+                        fold=fold, activations="float32")
     paths["scales_int8"] = mixed.path
+    half = export_onnx(binary, tmp / f"{name}_scales_int8_f16.onnx", example, remainder="int8",
+                       calibration_data=calib, fold=fold, activations="float16")
+    paths["scales_int8_f16"] = half.path
     rows = []
     for t in threads:
         load = Path("/proc/loadavg").read_text().split()[:3]
@@ -138,10 +143,10 @@ def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads:
         del sessions
         rows.append({"threads": t, "loadavg": " ".join(load), **ms, "cpu": cpu})
         print(name, rows[-1], flush=True)
-    profile = {k: time_by_op(paths[k], x, threads[0]) for k in ("int8", "scales", "scales_int8")}
+    profile = {k: time_by_op(paths[k], x, threads[0]) for k in ("int8", "scales", "scales_int8", "scales_int8_f16")}
     return {"rows": rows, "profile": profile, "packed": len(report.packed), "fp": len(report.fp),
             "int8_remainder": mixed.int8, "folded": len(report.fused), "shuffle_folded": report.shuffle_folded,
-            "bytes": {k: p.stat().st_size for k, p in paths.items()}}
+            "float16": len(half.float16), "bytes": {k: p.stat().st_size for k, p in paths.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{command}`" + (f" (under `nice -n {nice}`)" if nice else "") + "  ",
         f"CPU: {cpu_description()}; srbinarize kernel path: {kernel_path()}  ",
         f"onnxruntime {onnxruntime.__version__}; intra-op spinning off for every session; median of {args.runs}"
-        " runs per model, the three models' runs interleaved; load average (1/5/15 min) read before each row."
+        " runs per model, the five files' runs interleaved; load average (1/5/15 min) read before each row."
         " ORT int8 = `quantize_static` (QDQ, per-channel QInt8 weights, QUInt8 activations, 8 LR patches of"
         " BSD100 64x64).",
         "",
@@ -189,23 +194,30 @@ def main(argv: list[str] | None = None) -> None:
             f"SCALES export: {r['packed']} binary ops, {r['fp']} entries kept FP, {r['folded']} ops folded into them;"
             " SCALES + int8 remainder"
             f" (`remainder=\"int8\"`): {', '.join(r['int8_remainder']) or 'none'} as int8 QDQ; output conv folded"
-            f" through the pixel shuffle: {', '.join(r['shuffle_folded']) or 'none'}.",
+            f" through the pixel shuffle: {', '.join(r['shuffle_folded']) or 'none'}; SCALES + int8 rem. + f16"
+            f" (`activations=\"float16\"`): {r['float16']} float16 tensors between chained binary convs.",
             "",
-            "| threads | loadavg | FP32 ms | ORT int8 ms | SCALES ms | SCALES + int8 rem. ms | SCALES / FP32 |"
-            " SCALES / ORT int8 | SCALES + int8 rem. / FP32 | SCALES + int8 rem. / ORT int8 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| threads | loadavg | FP32 ms | ORT int8 ms | SCALES ms | SCALES + int8 rem. ms |"
+            " SCALES + int8 rem. + f16 ms | SCALES / FP32 | SCALES / ORT int8 | SCALES + int8 rem. / FP32 |"
+            " SCALES + int8 rem. / ORT int8 | SCALES + int8 rem. + f16 / FP32 | SCALES + int8 rem. + f16 / ORT int8 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *(f"| {row['threads']} | {row['loadavg']} | {row['fp32']:.1f} | {row['int8']:.1f} | {row['scales']:.1f} |"
-              f" {row['scales_int8']:.1f} | {row['fp32'] / row['scales']:.2f}x | {row['int8'] / row['scales']:.2f}x |"
-              f" {row['fp32'] / row['scales_int8']:.2f}x | {row['int8'] / row['scales_int8']:.2f}x |"
+              f" {row['scales_int8']:.1f} | {row['scales_int8_f16']:.1f} | {row['fp32'] / row['scales']:.2f}x |"
+              f" {row['int8'] / row['scales']:.2f}x | {row['fp32'] / row['scales_int8']:.2f}x |"
+              f" {row['int8'] / row['scales_int8']:.2f}x | {row['fp32'] / row['scales_int8_f16']:.2f}x |"
+              f" {row['int8'] / row['scales_int8_f16']:.2f}x |"
               for row in r["rows"]),
             "",
             "CPU time per run (ms, all threads of the process; not inflated by waiting for a core, so at 1 thread"
             " its ratio is the ratio of work):",
             "",
-            "| threads | FP32 | ORT int8 | SCALES | SCALES + int8 rem. | SCALES + int8 rem. / ORT int8 |",
-            "|---|---|---|---|---|---|",
+            "| threads | FP32 | ORT int8 | SCALES | SCALES + int8 rem. | SCALES + int8 rem. + f16 |"
+            " SCALES + int8 rem. / ORT int8 | SCALES + int8 rem. + f16 / ORT int8 |",
+            "|---|---|---|---|---|---|---|---|",
             *(f"| {row['threads']} | {row['cpu']['fp32']:.1f} | {row['cpu']['int8']:.1f} | {row['cpu']['scales']:.1f} |"
-              f" {row['cpu']['scales_int8']:.1f} | {row['cpu']['int8'] / row['cpu']['scales_int8']:.2f}x |"
+              f" {row['cpu']['scales_int8']:.1f} | {row['cpu']['scales_int8_f16']:.1f} |"
+              f" {row['cpu']['int8'] / row['cpu']['scales_int8']:.2f}x |"
+              f" {row['cpu']['int8'] / row['cpu']['scales_int8_f16']:.2f}x |"
               for row in r["rows"]),
             "",
             "File bytes: " + ", ".join(f"{k} {v:,}" for k, v in r["bytes"].items()) + "  ",
