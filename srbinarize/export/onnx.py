@@ -14,7 +14,8 @@ What each piece becomes:
 The graph is traced by ``torch.onnx.export(..., dynamo=False)``; the binary layers emit their op from an
 ``autograd.Function.symbolic`` (TorchScript has no uint64 constants, so the packed words travel as int64 and are
 re-typed afterwards with the ``onnx`` API, bit for bit). Input ``x`` and output ``y`` have dynamic batch,
-height and width axes. The file is checked with ``onnx.checker`` and written atomically.
+height and width axes. With ``activations="float16"`` the binary convs that feed each other run on float16
+tensors (`srbinarize.export.half`). The file is checked with ``onnx.checker`` and written atomically.
 
 SwinIR (basicsr): its blocks keep the attention mask of the size they were built for and use it whenever the
 input has that size, which bakes one size into a traced graph; during export the blocks compute the mask from
@@ -623,8 +624,8 @@ def _finish(model: onnx.ModelProto, fold: bool = False) -> list[str]:
 REMAINDERS = ("fp32", "int8")
 ACTIVATIONS = ("float32", "float16")
 #: activations="float16" refuses a tensor whose max |value| over the calibration batch exceeds this. float16
-#: overflows above 65504; the factor of 2 below it is headroom for inputs larger or brighter than the calibration
-#: patches (an SR body's activations grow with image content, and the patches are a small sample of it).
+#: overflows above 65504; the factor of 2 below it is headroom for inputs that drive the activations higher than
+#: the calibration patches did (larger images, other content: the patches are a small sample).
 FLOAT16_BOUND = 2.0**15
 #: A remainder conv with fewer products per output (in channels x kernel area) stays FP32: quantizing its
 #: input and dequantizing its output cost more than the integer GEMM saves. Measured, 1 thread, 256x256:
