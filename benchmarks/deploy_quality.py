@@ -4,7 +4,8 @@ For each finetune run folder given (its ``final.safetensors``; the architecture 
 e.g. ``PYTHONPATH=../shared/models/team01_efdn``), PSNR-Y on Set5 / Set14 of the PyTorch model and of the
 `export_onnx` file in each deployment variant, run whole in onnxruntime: the exact one (FP32 remainder, float32
 activations), ``remainder="int8"`` (calibrated on the batch `srbinarize.convert` calibrates on by default),
-``activations="float16"``, and both. Writes a Markdown table and JSON.
+float16 activations where they hold (``activations=None``, the default on an AVX-512 machine), and both.
+Writes a Markdown table and JSON.
 
     python benchmarks/deploy_quality.py RUN [RUN ...] --sets ../shared/data/Set5 ../shared/data/Set14
 """
@@ -31,8 +32,8 @@ from srbinarize.train.metrics import evaluate_model, psnr_ssim_y, super_resolve
 VARIANTS = {
     "exact": {"remainder": "fp32", "activations": "float32"},
     "int8 rem.": {"remainder": "int8", "activations": "float32"},
-    "float16": {"remainder": "fp32", "activations": "float16"},
-    "int8 rem. + float16": {"remainder": "int8", "activations": "float16"},
+    "float16": {"remainder": "fp32", "activations": None},  # the default: float16 where the values allow it
+    "int8 rem. + float16": {"remainder": "int8", "activations": None},
 }
 
 
@@ -57,8 +58,9 @@ def measure(run: Path, sets: list[EvalSet]) -> dict:
         for name, options in VARIANTS.items():
             report = export_onnx(model, Path(tmp) / f"{len(files)}.onnx", **options)
             files[name] = report.path
-            row.setdefault("int8", report.int8)
+            row["int8"] = report.int8 or row.get("int8", [])
             row["float16_tensors"] = max(row.get("float16_tensors", 0), len(report.float16))
+            row["float32_kept"] = report.float32_kept or row.get("float32_kept", [])
         for s in sets:
             with torch.no_grad():
                 torch_psnr = evaluate_model(model, s, ssim=False).psnr
@@ -83,14 +85,15 @@ def main(argv: list[str] | None = None) -> None:
     others = list(VARIANTS)[1:]
     lines = ["# What the deployment options cost in quality on finetuned SCALES models (PSNR-Y, dB)", "",
              f"`python benchmarks/{Path(__file__).name} {' '.join(str(r) for r in args.runs)}`", "",
-             "| model | int8 remainder | float16 tensors | set | PyTorch | exact ONNX | "
+             "| model | int8 remainder | float16 tensors (binary convs kept float32) | set | PyTorch | exact ONNX | "
              + " | ".join(f"{n} (change)" for n in others) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(others)]
     for r in rows:
         for s in sets:
             v = r["psnr"][s]
             cells = [f"{v[n]:.3f} ({v[n] - v['exact']:+.3f})" for n in others]
-            lines.append(f"| {r['arch']} | {', '.join(r['int8']) or '-'} | {r['float16_tensors']} | {s} | "
+            kept = sum(len(line.split(": ")[0].split(", ")) for line in r["float32_kept"])
+            lines.append(f"| {r['arch']} | {', '.join(r['int8']) or '-'} | {r['float16_tensors']} ({kept}) | {s} | "
                          f"{v['pytorch']:.3f} | {v['exact']:.3f} | " + " | ".join(cells) + " |")
     outputs = {args.out: "\n".join(lines) + "\n", args.out.with_suffix(".json"): json.dumps(rows, indent=1)}
     for path, text in outputs.items():
