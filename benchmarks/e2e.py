@@ -34,7 +34,7 @@ import torch
 
 import srbinarize
 from kernels import cpu_description, interleaved_medians  # benchmarks/kernels.py
-from srbinarize.export.onnx import export_onnx
+from srbinarize.export.onnx import EXACT, export_onnx
 from srbinarize.export.qdq import fp32_onnx
 from srbinarize.runtime import kernel_path, ort_session
 from srbinarize.train.evaluate import write_report
@@ -125,7 +125,7 @@ def run_model(name: str, model: torch.nn.Module, scale: int, size: int, threads:
     example = torch.rand(1, 3, 32, 32)
     paths = {"fp32": fp32_onnx(model, tmp / f"{name}_fp32.onnx", example)}
     paths["int8"] = ort_int8(paths["fp32"], tmp / f"{name}_int8.onnx", patches(scale, 8, 64, seed=3))
-    report = export_onnx(binary, tmp / f"{name}_scales.onnx", example, fold=fold, activations="float32")
+    report = export_onnx(binary, tmp / f"{name}_scales.onnx", example, fold=fold, **EXACT)
     paths["scales"] = report.path
     mixed = export_onnx(binary, tmp / f"{name}_scales_int8.onnx", example, remainder="int8", calibration_data=calib,
                         fold=fold, activations="float32")

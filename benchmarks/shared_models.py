@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import shared_zoo  # noqa: E402  (tests/shared_zoo.py: loads ../shared/models per models.yaml)
 
 import srbinarize  # noqa: E402
+from srbinarize.export.onnx import EXACT  # noqa: E402
 from srbinarize.export.qdq import fp32_onnx  # noqa: E402
 from srbinarize.models.input_range import probe_patches, resolve_input_range  # noqa: E402
 from srbinarize.train.evaluate import load_sets, write_report  # noqa: E402
@@ -49,7 +50,7 @@ def measure(name: str, size: int, set5) -> dict:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         fp32_onnx(model, d / "fp.onnx", torch.rand(1, 3, 32, 32))
-        srbinarize.export_onnx(q, d / "scales.onnx", activations="float32")  # the exact file: parity
+        srbinarize.export_onnx(q, d / "scales.onnx", **EXACT)  # the exact file: parity
         srbinarize.export_onnx(fq, d / "fqsr.onnx")
         session = srbinarize.ort_session(d / "scales.onnx")
         q.eval()

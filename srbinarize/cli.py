@@ -142,13 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="output .onnx")
     p.add_argument("--arch", help="allow the checkpoint to name this architecture (package.module:Class) beyond the "
                    "built-in sources")
-    p.add_argument("--remainder", choices=("fp32", "int8"), default="fp32",
-                   help="the convs the recipe left FP: FP32 (exact, default) or int8 QDQ calibrated on the "
-                   "conversion's default batch (faster; 0.02-0.07 dB on Set5 x4 for the shared models measured)")
+    p.add_argument("--remainder", choices=("fp32", "int8"), default=None,
+                   help="the convs the recipe left FP: FP32 (exact) or int8 QDQ calibrated on the conversion's "
+                   "default batch (faster; 0.02-0.07 dB on Set5 x4 for the shared models measured); default: int8 "
+                   "where its output on that batch stays within 40 dB PSNR of the FP32 one, else FP32")
     p.add_argument("--activations", choices=("float32", "float16"), default=None,
-                   help="tensors between chained binary convs: float16 (less memory traffic; refused where the "
-                   "calibration batch exceeds the float16 bound) or float32; default: float16 where this CPU "
-                   "runs the fused AVX-512 kernel, else float32")
+                   help="tensors between chained binary convs: float16 (less memory traffic; an error where the "
+                   "calibration batch exceeds the float16 bound) or float32; default: where this CPU runs the "
+                   "fused AVX-512 kernel, float16 where it holds (float32 around larger values), else float32")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("upscale", help="upscale an image with an exported .onnx model (tiled, onnxruntime)")

@@ -16,7 +16,7 @@ from recipe_checks import convert_small, msrresnet_x2
 import srbinarize
 from srbinarize.checkpoint import save_model
 from srbinarize.cli import main
-from srbinarize.export.onnx import OnnxExportError, export_onnx
+from srbinarize.export.onnx import EXACT, OnnxExportError, export_onnx
 from srbinarize.export.qdq import fp32_onnx
 from srbinarize.layers import QuantLayer, ScalesConv2d, ScalesLinear
 from srbinarize.models.spec import ModelSpec
@@ -82,7 +82,7 @@ def test_scales_parity_at_two_sizes(case, fold, tmp_path):
     factory, overrides = CASES[case]
     model = with_active_branches(srbinarize.convert(factory(num_block=2), "scales", **overrides).eval())
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=fold, activations="float32")
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=fold, **EXACT)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ScalesConv2d)}
     nodes = {n.name: n for n in binary_nodes(path)}
     assert set(nodes) == set(layers) and len(report.packed) == len(layers) > 0
@@ -102,7 +102,7 @@ def test_scales_parity_at_two_sizes(case, fold, tmp_path):
 
 def test_partial_binarization_exports_as_fp_ops(tmp_path):
     model = srbinarize.convert(edsr(num_block=1), "scales", binarize_weights=False).eval()
-    report = export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16))
+    report = export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16), **EXACT)
     assert not report.packed and not binary_nodes(tmp_path / "m.onnx")
     assert any("w32a1" in line for line in report.fp)
     check_parity(model, tmp_path / "m.onnx")
@@ -111,7 +111,7 @@ def test_partial_binarization_exports_as_fp_ops(tmp_path):
 def test_dynamic_batch_and_packed_weights(tmp_path):
     model = srbinarize.convert(edsr(num_block=1, num_feat=70), "scales").eval()  # 70 channels: two words
     path = tmp_path / "m.onnx"
-    export_onnx(model, path, torch.rand(1, 3, 16, 16), activations="float32")
+    export_onnx(model, path, torch.rand(1, 3, 16, 16), **EXACT)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
@@ -167,7 +167,7 @@ def test_bam_lmb_ma_deployed_forms(case, tmp_path):
     model = convert_small(factory(), recipe, **overrides).eval()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), activations="float32")
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), **EXACT)
     assert len(report.packed) == len(layers) > 0
     nodes = {n.name for n in binary_nodes(path)}
     binary_acts = recipe != "ma" and "binarize_activations" not in overrides
@@ -192,7 +192,7 @@ def test_cli_export_from_checkpoint(tmp_path, capsys):
     model = srbinarize.convert(spec.build().eval(), "scales").eval()
     ckpt = save_model(model, tmp_path / "edsr.safetensors", spec)
     out = tmp_path / "edsr.onnx"
-    assert main(["export", str(ckpt), "-o", str(out), "--activations", "float32"]) == 0
+    assert main(["export", str(ckpt), "-o", str(out), "--activations", "float32", "--remainder", "fp32"]) == 0
     assert "packed (1-bit weights): 5" in capsys.readouterr().out
     check_parity(model, out, sizes=((20, 20),))
     assert main(["export", str(ckpt), "-o", str(tmp_path / "q.onnx"), "--remainder", "int8"]) == 0
@@ -207,7 +207,7 @@ def test_scales_swinir_binary_linears_at_sizes_other_than_the_export_size(skip, 
     model = srbinarize.convert(swinir().eval(), "scales", example_input=torch.rand(1, 3, 16, 16), skip=skip)
     model = with_active_branches(model.eval())
     path = tmp_path / "swinir.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16))
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), **EXACT)
     linears = {n for n, m in model.named_modules() if isinstance(m, ScalesLinear)}
     nodes = binary_nodes(path)
     assert {n.name for n in nodes if n.op_type == "BinaryLinear"} == linears and len(linears) == 16
@@ -230,7 +230,7 @@ def test_int8_remainder_runs_as_qlinearconv_within_tolerance(tmp_path):
     after it, which moves single pixels much more than the int8 rounding itself)."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2), "scales").eval())
     calib = set5_crops((24, 24), n=4)
-    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
+    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16), remainder="fp32")
     q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib)
     # conv_first (3->16 3x3: 27 products per output) stays FP32, measured faster than int8 for so few
     assert q.int8 == ["upsample.0", "conv_last"] and not fp.int8
@@ -259,12 +259,39 @@ def test_int8_remainder_bad_arguments(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", remainder="int8", calibration_data=torch.rand(2, 1, 8, 8))
 
 
+def test_default_remainder_is_int8_where_it_holds(tmp_path, monkeypatch):
+    """remainder=None: int8 where the calibration batch's output stays within INT8_AGREEMENT_DB of the FP32
+    remainder's; FP32, with the reason in the report, where it does not or where there is no batch."""
+    import srbinarize.export.onnx as onnx_export
+    from srbinarize.convert import INFO_ATTR
+
+    model = with_active_branches(srbinarize.convert(edsr(num_block=1), "scales").eval())
+    example = torch.rand(1, 3, 16, 16)
+
+    def ops(path) -> list[str]:
+        return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+    default = export_onnx(model, tmp_path / "d.onnx", example)
+    explicit = export_onnx(model, tmp_path / "q.onnx", example, remainder="int8")
+    assert default.int8 == explicit.int8 == ["upsample.0", "conv_last"]
+    assert not default.int8_refused and "QuantizeLinear" in ops(default.path)
+    monkeypatch.setattr(onnx_export, "INT8_AGREEMENT_DB", 1000.0)
+    refused = export_onnx(model, tmp_path / "r.onnx", example)
+    assert not refused.int8 and "dB from the FP32 remainder's, under 1000 dB" in refused.int8_refused
+    assert "remainder left FP32" in str(refused) and "QuantizeLinear" not in ops(refused.path)
+    delattr(model, INFO_ATTR)
+    bare = export_onnx(model, tmp_path / "b.onnx", example)
+    assert not bare.int8 and bare.int8_refused.startswith("no calibration batch")
+    with pytest.raises(OnnxExportError, match="needs calibration_data"):
+        export_onnx(model, tmp_path / "b.onnx", example, remainder="int8")
+
+
 def test_residual_add_and_relu_fold_into_the_binary_ops(tmp_path):
     """EDSR blocks: conv1 -> ReLU and identity + conv2 become the ops' relu / residual, and the global mean a
     channel vector takes of a binary conv's output its channel_mean output; output unchanged."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2), "scales").eval())
     path = tmp_path / "m.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True, activations="float32")
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True, **EXACT)
     assert report.fused == ["body.0.conv1: + relu", "body.0.conv2: + residual", "body.1.conv1: + relu",
                             "body.1.conv2: + residual", "conv_after_body: + residual",
                             *(f"body.{b}.conv{c}: + channel_mean" for b in (0, 1) for c in (1, 2))]
@@ -283,7 +310,7 @@ def test_efdn_prelu_and_relu_fold_and_match_pytorch(tmp_path):
     """A real lightweight model: its PReLUs after binary convs become the ops' prelu_slope; same output."""
     model = srbinarize.convert(shared_zoo.load("team01_efdn"), "scales").eval()
     path = tmp_path / "efdn.onnx"
-    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True, activations="float32")
+    report = export_onnx(model, path, torch.rand(1, 3, 16, 16), fold=True, **EXACT)
     assert sum(line.count("+ PRelu") for line in report.fused) == 12
     assert "PRelu" not in [n.op_type for n in onnx.load(str(path)).graph.node]
     slopes = [n for n in binary_nodes(path) if len(n.input) > 8 and n.input[8]]

@@ -182,7 +182,8 @@ def test_the_default_follows_fold_and_bad_values_are_refused(tmp_path):
 
 
 def test_the_overflow_guard_names_the_tensor(tmp_path):
-    """float16 overflows above 65504; a tensor over 2**15 on the calibration batch is refused, by name."""
+    """float16 overflows above 65504; a tensor over 2**15 on the calibration batch is refused, by name, when
+    float16 is asked for; by default the binary convs around it stay float32 and the report names them."""
     model = srbinarize.convert(edsr(num_block=1), "scales").eval()
     example = torch.rand(1, 3, 16, 16)
     calib = set5_crops((24, 24))
@@ -190,19 +191,26 @@ def test_the_overflow_guard_names_the_tensor(tmp_path):
     # The input scaled up: conv_first's output, read by the chain, is large
     with pytest.raises(OnnxExportError, match=r'tensor t\d+ \(X of body\.0\.conv1, .*\) reaches max \|value\| '
                        r'[\d.e+]+ on the calibration batch, above 32768 .* activations="float32"'):
-        export_onnx(model, path, example, fold=True, calibration_data=calib * 3e4)
+        export_onnx(model, path, example, fold=True, calibration_data=calib * 3e4, activations="float16")
     assert not path.exists()
-    export_onnx(model, path, example, fold=True, calibration_data=calib)  # the same model, unscaled: fine
+    export_onnx(model, path, example, fold=True, calibration_data=calib, activations="float16")  # unscaled: fine
     # A bias of the chain's last op scaled up: its output is refused (default calibration batch)
     with torch.no_grad():
         model.conv_after_body.bias.fill_(4e4)
     with pytest.raises(OnnxExportError, match=r"\(output of conv_after_body\) reaches max \|value\| 4"):
-        export_onnx(model, tmp_path / "b.onnx", example, fold=True)
+        export_onnx(model, tmp_path / "b.onnx", example, fold=True, activations="float16")
+    # The default keeps the convs around that tensor on float32 and says so; the others stay float16
+    report = export_onnx(model, tmp_path / "b.onnx", example, fold=True)
+    assert report.float32_kept == [report.float32_kept[0]] and report.float32_kept[0].startswith("conv_after_body: ")
+    assert report.float16 and not any("conv_after_body" in line for line in report.float16)
+    assert "kept on float32 activations" in str(report)
+    types = {n.name: n.input[0] for n in onnx.load(str(report.path)).graph.node if n.op_type == "BinaryConv2d"}
+    assert types["body.0.conv1"].endswith(".f16") and not types["conv_after_body"].endswith(".f16")
     # No conversion record, no calibration_data: the example input is what the graph runs on
     bare = srbinarize.convert(edsr(num_block=1), "scales").eval()
     delattr(bare, INFO_ATTR)
     with pytest.raises(OnnxExportError, match=r"X of body\.0\.conv1"):
-        export_onnx(bare, tmp_path / "c.onnx", example * 3e4, fold=True)
+        export_onnx(bare, tmp_path / "c.onnx", example * 3e4, fold=True, activations="float16")
     assert export_onnx(bare, tmp_path / "c.onnx", example, fold=True).float16
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import srbinarize
+from srbinarize.export.onnx import EXACT
 from srbinarize.export.qdq import deployed_output as qdq_output
 from srbinarize.models.input_range import detect_input_range, probe_patches
 from srbinarize.summary import summary
@@ -93,7 +94,7 @@ def test_recipe_trains_exports_and_matches(name, recipe, tmp_path):
         opt.step()
 
     # straight from training; float32 activations: compared with the module at 1e-4 below
-    report = srbinarize.export_onnx(q, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16), activations="float32")
+    report = srbinarize.export_onnx(q, tmp_path / "m.onnx", torch.rand(1, 3, 16, 16), **EXACT)
     assert report.file_bytes > 0 and (bool(report.qdq) == (recipe == "fqsr"))
     q.eval()
     if recipe == "fqsr":  # the graph is the layer: compared without onnxruntime's integer fusions

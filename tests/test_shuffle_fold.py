@@ -13,7 +13,7 @@ from test_export import set5_crops, with_active_branches
 from torch import nn
 
 import srbinarize
-from srbinarize.export.onnx import export_onnx
+from srbinarize.export.onnx import EXACT, export_onnx
 from srbinarize.runtime import DOMAIN, ort_session
 
 
@@ -70,7 +70,7 @@ def test_binary_edsr_with_int8_remainder_folds_into_shuffle_taps(tmp_path):
     goes straight into ShuffleTaps; the output stays within the int8 remainder's tolerance."""
     model = with_active_branches(srbinarize.convert(edsr(num_block=2, num_feat=32), "scales").eval())
     calib = set5_crops((24, 24), n=4)
-    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16), activations="float32")
+    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16), **EXACT)
     q = export_onnx(model, tmp_path / "q.onnx", torch.rand(1, 3, 16, 16), remainder="int8", calibration_data=calib,
                     activations="float32")
     assert fp.shuffle_folded == q.shuffle_folded == ["upsample.0 + conv_last"]
@@ -115,7 +115,7 @@ def test_int8_remainder_shuffles_uint8_codes_and_dequantizes_after(tmp_path):
     shuffle = next(n for n in graph.node if n.op_type == "DepthToSpace")
     assert producer[shuffle.input[0]].op_type == "QuantizeLinear"
     assert [n.op_type for n in graph.node if shuffle.output[0] in n.input] == ["DequantizeLinear"]
-    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16))
+    fp = export_onnx(model, tmp_path / "fp.onnx", torch.rand(1, 3, 16, 16), remainder="fp32")
     x = set5_crops((20, 28), n=2).numpy()
     ref = ort_session(fp.path).run(None, {"x": x})[0]
     err, span = np.abs(ort_session(q.path).run(None, {"x": x})[0] - ref), float(ref.max() - ref.min())

@@ -15,7 +15,7 @@ from PIL import Image
 import srbinarize
 from srbinarize.cli import main
 from srbinarize.errors import UsageError
-from srbinarize.export.onnx import export_onnx
+from srbinarize.export.onnx import EXACT, export_onnx
 from srbinarize.export.upscale import (
     WHOLE_IMAGE_PIXELS,
     ImageError,
@@ -34,7 +34,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = srbinarize.convert(edsr(num_block=1), "scales").eval()
     path = tmp_path_factory.mktemp("onnx") / "edsr.onnx"
-    export_onnx(model, path, torch.rand(1, 3, 16, 16), activations="float32")  # compared with the module at 1e-4
+    export_onnx(model, path, torch.rand(1, 3, 16, 16), **EXACT)  # compared with the module at 1e-4
     return model, path
 
 

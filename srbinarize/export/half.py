@@ -19,6 +19,8 @@ Whether float16 holds the values is the caller's check (`srbinarize.export.onnx`
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -34,9 +36,10 @@ def _activations(node: onnx.NodeProto) -> list[tuple[int, str]]:
     return [(i, node.input[i]) for i in (X, RESIDUAL) if i < len(node.input) and node.input[i]]
 
 
-def chained(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The BinaryConv2d nodes linked to another one through X or residual, in graph order."""
-    convs = [n for n in graph.node if n.domain == DOMAIN and n.op_type == "BinaryConv2d"]
+def chained(graph: onnx.GraphProto, keep: Collection[str] = ()) -> list[onnx.NodeProto]:
+    """The BinaryConv2d nodes (other than those named in `keep`) linked to another one through X or residual, in
+    graph order."""
+    convs = [n for n in graph.node if n.domain == DOMAIN and n.op_type == "BinaryConv2d" and n.name not in keep]
     made = {n.output[0]: n for n in convs}
     linked: set[str] = set()
     for node in convs:
@@ -46,22 +49,29 @@ def chained(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [n for n in convs if n.name in linked]
 
 
-def float16_tensors(graph: onnx.GraphProto) -> dict[str, str]:
-    """The tensors of the float32 ``graph`` that `to_float16` would make float16, in graph order (where each is
-    first written or read), each with its role ("output of body.0.conv1", "X of body.0.conv1, residual of
-    conv_after_body")."""
+def float16_tensors(graph: onnx.GraphProto, keep: Collection[str] = ()) -> dict[str, str]:
+    """The tensors of the float32 ``graph`` that `to_float16` (with the same `keep`) would make float16, in graph
+    order (where each is first written or read), each with its role ("output of body.0.conv1", "X of
+    body.0.conv1, residual of conv_after_body")."""
     roles: dict[str, list[str]] = {}
-    for node in chained(graph):
+    for node in chained(graph, keep):
         for slot, tensor in _activations(node):
             roles.setdefault(tensor, []).append(f"{'X' if slot == X else 'residual'} of {node.name}")
         roles.setdefault(node.output[0], []).insert(0, f"output of {node.name}")
     return {tensor: ", ".join(r) for tensor, r in roles.items()}
 
 
-def to_float16(graph: onnx.GraphProto) -> list[str]:
-    """Rewrite ``graph``: the `chained` BinaryConv2d nodes on float16 X / residual / Y, with the Casts at the
-    boundaries (module docstring). Returns one line per float16 tensor: "NAME.f16: what it is"."""
-    nodes = chained(graph)
+def touching(graph: onnx.GraphProto, tensor: str) -> set[str]:
+    """The names of the BinaryConv2d nodes that write `tensor` or read it as X or residual."""
+    return {n.name for n in graph.node if n.domain == DOMAIN and n.op_type == "BinaryConv2d"
+            and (n.output[0] == tensor or tensor in dict(_activations(n)).values())}
+
+
+def to_float16(graph: onnx.GraphProto, keep: Collection[str] = ()) -> list[str]:
+    """Rewrite ``graph``: the `chained` BinaryConv2d nodes (but those named in `keep`, which stay float32) on
+    float16 X / residual / Y, with the Casts at the boundaries (module docstring). Returns one line per float16
+    tensor: "NAME.f16: what it is"."""
+    nodes = chained(graph, keep)
     if not nodes:
         return []
     half = {n.name for n in nodes}
@@ -119,4 +129,4 @@ def _retype_value_info(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
             graph.value_info.remove(info)
 
 
-__all__ = ["chained", "float16_tensors", "to_float16"]
+__all__ = ["chained", "float16_tensors", "to_float16", "touching"]
