@@ -9,6 +9,7 @@ import torch
 from conftest import edsr, rcan
 
 import srbinarize
+from srbinarize.train.phases.reconstruction import phase_units
 from srbinarize.train.reconstruct import (
     _examples,
     reconstruct_unit,
@@ -29,6 +30,25 @@ def test_units_are_blocks_in_dataflow_order():
     assert units[0].layers == ("body.0.conv1", "body.0.conv2")
     rcan_units = reconstruction_units(srbinarize.convert(rcan()))
     assert [u.path for u in rcan_units] == ["body.0", "body.1", "conv_after_body"]
+
+
+class Wrapped(torch.nn.Module):
+    """Every layer inside one module (as team03_fmen's ``model``): the body is a single unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = edsr(num_block=2)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_a_body_in_one_unit_is_not_reconstructed():
+    student = srbinarize.convert(Wrapped())
+    assert [u.path for u in reconstruction_units(student)] == ["model"]
+    assert phase_units(student) == []
+    assert [u.path for u in phase_units(srbinarize.convert(edsr(num_block=2)))] == ["body.0", "body.1",
+                                                                                    "conv_after_body"]
 
 
 def test_student_and_teacher_unit_outputs_agree_when_nothing_is_binarized():

@@ -79,8 +79,9 @@ struct Node {
     return v;
   }
 
-  // Element types are checked here rather than declared in the op schema, so that a wrong one gets
-  // an error saying what was expected. Absent optional inputs have an empty name.
+  // Element types are checked here rather than declared in the op schema (but for the input whose type picks
+  // an overload, BinaryConv2d's X), so that a wrong one gets an error saying what was expected. Absent
+  // optional inputs have an empty name.
   // Input 2 is uint64, the inputs listed in `activations` are `activation_type`, the others float32.
   void CheckTypes(const Ort::ConstKernelInfo& info, const std::vector<const char*>& names,
                   const std::vector<size_t>& activations = {},
