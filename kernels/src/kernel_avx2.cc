@@ -163,11 +163,8 @@ void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows
   }
 }
 
-// The epilogue's shape known at compile time, as on AVX-512: kGeneric tests every optional input at
-// run time; any other value is a set of these flags (no channel sums; at most one of skip and
-// residual, read through one pointer). kMaps: both the spatial map and the channel scale (SCALES'
-// binary convs; AVX-512 takes its generic version there), without ReLU's alternative PReLU.
-constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8, kMaps = 16;
+// The epilogue's shape F: see epilogue_shape (x86_common.h); here the kMaps shapes leave the channel sums to
+// the generic version.
 
 // 8 output values of channel o at pixels p.. from their counts, in the op's fp32 order; lanes from
 // p + rem on are neither loaded nor stored. `stream`: full blocks go out as streaming stores (the
@@ -437,35 +434,9 @@ void conv_row(const ConvRow& row) {
     build_windows(row);
     a.x = row.window;
   }
-  const bool maps = a.spatial && a.channel;
-  const bool generic = (a.spatial && !maps) || (a.channel && !maps) || a.channel_sums ||
-                       (a.skip && a.residual) || (maps && a.slope);
   const float* add = static_cast<const float*>(a.skip ? a.skip : a.residual);
-  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0) |
-                    (maps ? kMaps : 0);
-  switch (generic ? kGeneric : shape) {
-    case 0: row_tiles_steps<0>(a, add); break;
-    case kBias: row_tiles_steps<kBias>(a, add); break;
-    case kAdd: row_tiles_steps<kAdd>(a, add); break;
-    case kBias | kAdd: row_tiles_steps<kBias | kAdd>(a, add); break;
-    case kRelu: row_tiles_steps<kRelu>(a, add); break;
-    case kBias | kRelu: row_tiles_steps<kBias | kRelu>(a, add); break;
-    case kAdd | kRelu: row_tiles_steps<kAdd | kRelu>(a, add); break;
-    case kBias | kAdd | kRelu: row_tiles_steps<kBias | kAdd | kRelu>(a, add); break;
-    case kPrelu: row_tiles_steps<kPrelu>(a, add); break;
-    case kBias | kPrelu: row_tiles_steps<kBias | kPrelu>(a, add); break;
-    case kAdd | kPrelu: row_tiles_steps<kAdd | kPrelu>(a, add); break;
-    case kBias | kAdd | kPrelu: row_tiles_steps<kBias | kAdd | kPrelu>(a, add); break;
-    case kMaps: row_tiles_steps<kMaps>(a, add); break;
-    case kMaps | kBias: row_tiles_steps<kMaps | kBias>(a, add); break;
-    case kMaps | kAdd: row_tiles_steps<kMaps | kAdd>(a, add); break;
-    case kMaps | kBias | kAdd: row_tiles_steps<kMaps | kBias | kAdd>(a, add); break;
-    case kMaps | kRelu: row_tiles_steps<kMaps | kRelu>(a, add); break;
-    case kMaps | kBias | kRelu: row_tiles_steps<kMaps | kBias | kRelu>(a, add); break;
-    case kMaps | kAdd | kRelu: row_tiles_steps<kMaps | kAdd | kRelu>(a, add); break;
-    case kMaps | kBias | kAdd | kRelu: row_tiles_steps<kMaps | kBias | kAdd | kRelu>(a, add); break;
-    default: row_tiles_steps<kGeneric>(a, add);  // one map only, channel sums, skip + residual, maps + PReLU
-  }
+  with_epilogue_shape(epilogue_shape(a, false),
+                      [&](auto shape) { row_tiles_steps<decltype(shape)::value>(a, add); });
   _mm_sfence();  // the streaming stores are visible before the row's task ends
 }
 

@@ -177,12 +177,7 @@ inline __mmask16 lanes(int rem) {
   return rem >= 16 ? __mmask16(0xffff) : rem <= 0 ? __mmask16(0) : __mmask16((1u << rem) - 1);
 }
 
-// The epilogue's shape known at compile time: kGeneric tests every optional input at run time; any
-// other value is a set of the flags below (at most one of skip and residual, read through one pointer;
-// kMaps: both the spatial map and the channel scale, as in SCALES' binary convs, with the channel sums
-// added when asked for; without kMaps, neither map nor channel sums). Testing the optional inputs per 16
-// outputs took about a sixth of a plain 64->64 conv's row time; the common shapes get their own code.
-constexpr int kGeneric = -1, kBias = 1, kAdd = 2, kRelu = 4, kPrelu = 8, kMaps = 16;
+// The epilogue's shape F: see epilogue_shape (x86_common.h); the kMaps shapes add the channel sums too.
 
 // 16 output values of channel o from two 8-pixel count vectors, in the op's fp32 order; lanes from
 // pixel p + rem on are neither loaded nor stored. `add`: the skip or residual plane (F & kAdd). H: the
@@ -334,37 +329,12 @@ void spatial_row(const ConvRow& a) {
   }
 }
 
-// The row with its epilogue's shape (see kGeneric) and activation type as compile-time parameters.
+// The row with its epilogue's shape (epilogue_shape) and activation type as compile-time parameters.
 template <bool H>
 void conv_row_as(const ConvRow& a) {
-  const bool maps = a.spatial && a.channel;
-  const bool generic = (a.skip && a.residual) || (maps ? a.slope != nullptr : a.spatial || a.channel || a.channel_sums);
   const void* add = a.skip ? a.skip : a.residual;
-  const int shape = (a.bias ? kBias : 0) | (add ? kAdd : 0) | (a.relu ? kRelu : 0) | (a.slope ? kPrelu : 0) |
-                    (maps ? kMaps : 0);
-  switch (generic ? kGeneric : shape) {
-    case kMaps: row_tiles_steps<kMaps, H>(a, add); break;
-    case kMaps | kBias: row_tiles_steps<kMaps | kBias, H>(a, add); break;
-    case kMaps | kAdd: row_tiles_steps<kMaps | kAdd, H>(a, add); break;
-    case kMaps | kBias | kAdd: row_tiles_steps<kMaps | kBias | kAdd, H>(a, add); break;
-    case kMaps | kRelu: row_tiles_steps<kMaps | kRelu, H>(a, add); break;
-    case kMaps | kBias | kRelu: row_tiles_steps<kMaps | kBias | kRelu, H>(a, add); break;
-    case kMaps | kAdd | kRelu: row_tiles_steps<kMaps | kAdd | kRelu, H>(a, add); break;
-    case kMaps | kBias | kAdd | kRelu: row_tiles_steps<kMaps | kBias | kAdd | kRelu, H>(a, add); break;
-    case 0: row_tiles_steps<0, H>(a, add); break;
-    case kBias: row_tiles_steps<kBias, H>(a, add); break;
-    case kAdd: row_tiles_steps<kAdd, H>(a, add); break;
-    case kBias | kAdd: row_tiles_steps<kBias | kAdd, H>(a, add); break;
-    case kRelu: row_tiles_steps<kRelu, H>(a, add); break;
-    case kBias | kRelu: row_tiles_steps<kBias | kRelu, H>(a, add); break;
-    case kAdd | kRelu: row_tiles_steps<kAdd | kRelu, H>(a, add); break;
-    case kBias | kAdd | kRelu: row_tiles_steps<kBias | kAdd | kRelu, H>(a, add); break;
-    case kPrelu: row_tiles_steps<kPrelu, H>(a, add); break;
-    case kBias | kPrelu: row_tiles_steps<kBias | kPrelu, H>(a, add); break;
-    case kAdd | kPrelu: row_tiles_steps<kAdd | kPrelu, H>(a, add); break;
-    case kBias | kAdd | kPrelu: row_tiles_steps<kBias | kAdd | kPrelu, H>(a, add); break;
-    default: row_tiles_steps<kGeneric, H>(a, add);  // one map alone, maps + PReLU, skip + residual
-  }
+  with_epilogue_shape(epilogue_shape(a, true),
+                      [&](auto shape) { row_tiles_steps<decltype(shape)::value, H>(a, add); });
 }
 
 void conv_row(const ConvRow& row) {
