@@ -425,15 +425,7 @@ void spatial_row(const ConvRow& a) {
 }
 
 void conv_row(const ConvRow& row) {
-  ConvRow a = row;
-  if (row.spatial_sum) {
-    spatial_row(row);
-    a.spatial = row.spatial_row;
-  }
-  if (row.concat_channels) {
-    build_windows(row);
-    a.x = row.window;
-  }
+  const ConvRow a = prepared_row(row, spatial_row, build_windows);
   const float* add = static_cast<const float*>(a.skip ? a.skip : a.residual);
   with_epilogue_shape(epilogue_shape(a, false),
                       [&](auto shape) { row_tiles_steps<decltype(shape)::value>(a, add); });

@@ -338,15 +338,7 @@ void conv_row_as(const ConvRow& a) {
 }
 
 void conv_row(const ConvRow& row) {
-  ConvRow a = row;
-  if (row.spatial_sum) {
-    spatial_row(row);
-    a.spatial = row.spatial_row;
-  }
-  if (row.concat_channels) {
-    build_windows(row);
-    a.x = row.window;
-  }
+  const ConvRow a = prepared_row(row, spatial_row, build_windows);
   if (a.half) {
     conv_row_as<true>(a);
   } else {

@@ -123,4 +123,20 @@ static inline void with_epilogue_shape(int shape, Fn&& fn) {
   }
 }
 
+// The row as the tiles read it: the spatial map computed into spatial_row and the concatenated windows built
+// (by this ISA's functions) where the row asks for them.
+template <class SpatialRow, class BuildWindows>
+static inline ConvRow prepared_row(const ConvRow& row, SpatialRow spatial_row, BuildWindows build_windows) {
+  ConvRow a = row;
+  if (row.spatial_sum) {
+    spatial_row(row);
+    a.spatial = row.spatial_row;
+  }
+  if (row.concat_channels) {
+    build_windows(row);
+    a.x = row.window;
+  }
+  return a;
+}
+
 }  // namespace srb
