@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from srbinarize.cli import main
+from srbinarize.errors import UsageError
 from srbinarize.models.spec import ModelSpec
 from srbinarize.models.zoo import save_fp_model
 from srbinarize.train.checkpoints import list_checkpoints
@@ -240,3 +241,12 @@ def test_a_time_budget_used_up_by_reconstruction_is_said_and_validated(tiny, tmp
     assert said or result.step >= 1
     assert result.final_val["val"]["psnr"] > 0 and (tmp_path / "run" / "crops.png").is_file()
     assert (tmp_path / "run" / "final.safetensors").is_file() and not result.interrupted
+
+
+def test_set_values_read_as_yaml_with_exponent_numbers_as_numbers():
+    from srbinarize.train.cli import key_values
+
+    values = key_values(["train.lr=1e-3", "a=2E+2", "b=0.5", "c=clipped", "d=[x, y]", "e=1e"], "--set")
+    assert values == {"train.lr": 1e-3, "a": 200.0, "b": 0.5, "c": "clipped", "d": ["x", "y"], "e": "1e"}
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        key_values(["lr"], "--set")

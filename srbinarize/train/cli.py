@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,21 @@ from ..errors import UsageError
 DEFAULT_DATA_ROOT = "../shared/data"
 
 
+# What YAML 1.1 (PyYAML) reads as a string but a user means as a number: 1e-2, 5E3 (no dot before the exponent).
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def key_values(pairs: list[str], what: str) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``, each value read as YAML."""
+    """``["a=1", "b=x", "c=1e-2"]`` -> ``{"a": 1, "b": "x", "c": 0.01}``, each value read as YAML."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise UsageError(f"{what} expects KEY=VALUE, got '{pair}'")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _EXPONENT_NUMBER.fullmatch(parsed.strip()):
+            parsed = float(parsed)
+        out[key.strip()] = parsed
     return out
 
 
