@@ -61,14 +61,13 @@ def reconstruction_units(student: nn.Module) -> list[Unit]:
     if info is None or not isinstance(student, fx.GraphModule):
         return []
     converted = [r.name for r in info.plan.rows if r.replaced_by and r.role == "body"]
-    outside_body = [r.name for r in info.plan.rows if r.role != "body"]
     nodes = list(student.graph.nodes)
     units: dict[str, list[str]] = {}
     for name in converted:
         node = next((n for n in nodes if n.op == "call_module" and n.target == name), None)
         if node is None:  # inside a leaf: the leaf's node carries the module stack
             node = next(n for n in nodes if n.op == "call_module" and name.startswith(str(n.target) + "."))
-        units.setdefault(_unit_path(node, name, outside_body), []).append(name)
+        units.setdefault(_unit_path(node, name), []).append(name)
     out = []
     for path, layers in units.items():
         inside = [n for n in nodes if _in_module(n, path)]
@@ -81,11 +80,10 @@ def reconstruction_units(student: nn.Module) -> list[Unit]:
     return sorted(out, key=lambda u: order[u.output_node])
 
 
-def _unit_path(node: fx.Node, layer: str, outside_body: list[str]) -> str:
-    """The outermost non-container module (not the root) on the layer's module stack that holds no head or
-    tail layer (``outside_body``): a wrapped network (``model`` of `ScaledRange`, FMEN) is split into its blocks."""
+def _unit_path(node: fx.Node, layer: str) -> str:
+    """The outermost non-container module (not the root) on the layer's module stack."""
     for path, cls in node.meta.get("nn_module_stack", {}).values():
-        if not issubclass(cls, _CONTAINERS) and not any(n == path or n.startswith(path + ".") for n in outside_body):
+        if not issubclass(cls, _CONTAINERS):
             return path
     return layer
 

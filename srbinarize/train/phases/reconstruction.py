@@ -32,9 +32,9 @@ RECONSTRUCTED = "reconstructed.safetensors"
 def phase_units(student: nn.Module) -> list[Unit]:
     """The units the phase reconstructs: `reconstruction_units`, or none where there is only one. A single unit
     holds every converted layer, so fitting its output to the teacher's is what the end-to-end phase's
-    distillation does, with the L1 loss too: on team03_fmen, while its wrapped network was taken as one unit
-    (`model`), 12 minutes gave Set5 x4 29.12 dB with reconstruct 0.5 against 29.34 end to end only
-    (`benchmarks/results/quality_real_scales_fmen_pair_*`)."""
+    distillation does, with the L1 loss too: on team03_fmen (one unit, `model`) 12 minutes gave Set5 x4 29.12
+    dB with reconstruct 0.5 against 29.34 end to end only (`benchmarks/results/quality_real_scales_fmen_pair_*`).
+    Splitting that unit into FMEN's 11 blocks did not pay either: 29.17 (`quality_real_scales_fmen_units_e9a1ace`)."""
     units = reconstruction_units(student)
     return units if len(units) > 1 else []
 
