@@ -22,6 +22,7 @@ from srbinarize.errors import UsageError
 from srbinarize.models.spec import ModelSpec
 from srbinarize.models.zoo import save_fp_model
 from srbinarize.train.checkpoints import list_checkpoints
+from srbinarize.train.cli import key_values
 from srbinarize.train.config import Budget, DataConfig, FinetuneError, RunSettings
 from srbinarize.train.finetune import finetune
 
@@ -244,8 +245,6 @@ def test_a_time_budget_used_up_by_reconstruction_is_said_and_validated(tiny, tmp
 
 
 def test_set_values_read_as_yaml_with_exponent_numbers_as_numbers():
-    from srbinarize.train.cli import key_values
-
     values = key_values(["train.lr=1e-3", "a=2E+2", "b=0.5", "c=clipped", "d=[x, y]", "e=1e"], "--set")
     assert values == {"train.lr": 1e-3, "a": 200.0, "b": 0.5, "c": "clipped", "d": ["x", "y"], "e": "1e"}
     with pytest.raises(UsageError, match="KEY=VALUE"):
