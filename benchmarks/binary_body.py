@@ -145,7 +145,7 @@ def main() -> None:
     flips = [sign_flips(Path(r)) for r in args.runs]
     command = "python benchmarks/binary_body.py " + shlex.join(sys.argv[1:])
     lines = ["# What a SCALES binary block holds of its FP block (shared models, x4)", "",
-             f"`{command}`", "", f"CPU: {hardware()}; {args.threads} torch threads.", "",
+             f"`{command}`", "", f"CPU: {hardware()}.", "",
              "Set5 x4 PSNR-Y (dB). Floor: every binary layer's product set to zero (bias, plus the input where the "
              "skip is on): the FP head, tail and side branches alone.", "",
              "| model | FP | converted | floor |", "|---|---|---|---|"]
