@@ -130,8 +130,12 @@ def main() -> None:
         return
     if not args.out:
         p.error("-o/--out is required")
+    import torch
+
     from srbinarize.train.evaluate import write_report
     from srbinarize.train.session import hardware
+
+    torch.set_num_threads(args.threads)  # so that hardware() names the runs' thread count
 
     models = []
     for name in args.models:
