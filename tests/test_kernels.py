@@ -307,6 +307,23 @@ def test_conv_float16_activations_exact(path, form):
             np.testing.assert_array_equal(half[1], single[1])
 
 
+@pytest.mark.parametrize("add", ["none", "residual"])
+def test_conv_float16_streamed_output_exact(path, add):
+    """A float16 Y of 8 MB or more is written with streaming stores on AVX-512: the same values as the float32
+    op rounded, including the partial last tile of each row (W = 264)."""
+    rng = np.random.default_rng([len(add), 17])
+    x, thr, wt, scale, bias = _epilogue_inputs(rng, 64, (128, 264), with_bias=True)  # Y: 2 x 64 x 128 x 264 x 2 B
+    x16, res16 = x.astype(np.float16), rng.standard_normal(x.shape).astype(np.float16)
+    runs = {}
+    for dtype in (np.float16, np.float32):
+        model = conv_model(thr, pack_conv_weight(wt), scale, bias, kernel_shape=(3, 3), in_channels=64,
+                           residual=add == "residual", x_dtype=dtype)
+        feeds = {"X": x16.astype(dtype), **({"residual": res16.astype(dtype)} if add == "residual" else {})}
+        runs[dtype] = ort_session(model).run(None, feeds)[0]
+    assert runs[np.float16].nbytes >= 8 << 20
+    np.testing.assert_array_equal(runs[np.float16], runs[np.float32].astype(np.float16))
+
+
 @pytest.mark.parametrize(("c", "o", "k", "hw"), [(260, 6, 3, (4, 41)), (130, 9, 5, (6, 35)), (200, 4, 3, (3, 8))])
 def test_conv_long_windows_exact(path, c, o, k, hw):
     """Windows of many words: more steps than one byte counter holds (the AVX2 rows widen their byte

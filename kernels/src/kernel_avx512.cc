@@ -86,8 +86,8 @@ inline __m512 load16(const void* base, ptrdiff_t i, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(part)));
 }
 
-// Stores the lanes of v in m at element i (float, or float16 rounded to nearest even when H). `stream`
-// (float only): full vectors with a streaming store.
+// Stores the lanes of v in m at element i (float, or float16 rounded to nearest even when H). `stream`:
+// full vectors with a streaming store.
 template <bool H>
 inline void store16(void* base, ptrdiff_t i, __m512 v, __mmask16 m, bool stream) {
   if (!H) {
@@ -102,7 +102,11 @@ inline void store16(void* base, ptrdiff_t i, __m512 v, __mmask16 m, bool stream)
   uint16_t* out = static_cast<uint16_t*>(base) + i;
   const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   if (m == 0xffff) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(out), h);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
+    }
     return;
   }
   alignas(32) uint16_t part[16];
@@ -111,19 +115,44 @@ inline void store16(void* base, ptrdiff_t i, __m512 v, __mmask16 m, bool stream)
     if (m >> l & 1) out[l] = part[l];
 }
 
+// One block of 16 pixels (lanes in `valid`) of N channels (N = 0: n of them) from x + i on, channel c at
+// c * channel_stride: where channel c passes t[c], bit[c] is set in its pixel's word (lo: pixels 0-7, hi:
+// 8-15); with kSum, sum += w[c] * x, in channel order.
+template <bool H, bool kSum, int N>
+inline void pack_block(const void* x, ptrdiff_t channel_stride, ptrdiff_t i, __mmask16 valid, int n,
+                       const __m512* t, const __m512i* bit, const __m512* w, __m512i& lo, __m512i& hi,
+                       __m512& sum) {
+#pragma GCC unroll 8
+  for (int c = 0; c < (N ? N : n); ++c) {
+    const __m512 v = load16<H>(x, c * channel_stride + i, valid);
+    if (kSum) sum = _mm512_add_ps(sum, _mm512_mul_ps(v, w[c]));
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, v, t[c], _CMP_GE_OQ);
+    lo = _mm512_mask_or_epi64(lo, __mmask8(m), lo, bit[c]);
+    hi = _mm512_mask_or_epi64(hi, __mmask8(m >> 8), hi, bit[c]);
+  }
+}
+
 // Planar rows (float, or float16 when H) -> line layout. Groups of 8 channels, each streamed through all
-// rows (8 input streams at a time); for 16 pixels, each channel's compare mask sets its bit in the 16
-// words (8 per register) of its word, which the first group of a word stores and the others update.
-template <bool H>
+// rows (8 input streams at a time), their thresholds, bits and spatial weights held in registers; for 16
+// pixels, each channel's compare mask sets its bit in the 16 words (8 per register) of its word, which the
+// first group of a word stores and the others update. kSum: also the spatial sums.
+template <bool H, bool kSum>
 void pack_lines_as(const void* x, ptrdiff_t channel_stride, int channels, int rows, int width,
                    const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
                    float* spatial_sum) {
   constexpr int kBytes = H ? 2 : 4;
-  const char* bytes = static_cast<const char*>(x);
   const int words = (channels + 63) / 64;
   for (int c0 = 0; c0 < channels; c0 += 8) {
-    const int c1 = channels < c0 + 8 ? channels : c0 + 8, k = c0 / 64;
-    const __m512i first_bit = _mm512_set1_epi64(static_cast<long long>(1ULL << (c0 % 64)));
+    const int n = channels - c0 < 8 ? channels - c0 : 8, k = c0 / 64;
+    const char* group = static_cast<const char*>(x) + c0 * channel_stride * kBytes;
+    __m512 t[8], w[8];
+    __m512i bit[8];
+    for (int c = 0; c < 8; ++c) {
+      const int cc = c0 + (c < n ? c : 0);
+      t[c] = _mm512_set1_ps(threshold[cc]);
+      w[c] = _mm512_set1_ps(kSum ? spatial_weight[cc] : 0.f);
+      bit[c] = _mm512_set1_epi64(static_cast<long long>(1ULL << ((c0 + c) % 64)));
+    }
     for (int r = 0; r < rows; ++r) {
       uint64_t* dst = out + (ptrdiff_t(r) * words + k) * line;
       const ptrdiff_t row = ptrdiff_t(r) * width;
@@ -135,41 +164,48 @@ void pack_lines_as(const void* x, ptrdiff_t channel_stride, int channels, int ro
           lo = _mm512_maskz_loadu_epi64(__mmask8(valid), dst + p);
           hi = _mm512_maskz_loadu_epi64(__mmask8(valid >> 8), dst + p + 8);
         }
-        __m512i bit = first_bit;
         // Prefetch 1 KB ahead in each of the 8 input streams: packing a 64-channel 256x256 image from
         // DRAM took a third less time on Zen 5. Integer arithmetic: the address may lie past X.
-        for (int c = c0; c < c1; ++c)
+        for (int c = 0; c < n; ++c)
           _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(
-                           bytes + (c * channel_stride + row + p) * kBytes) + 1024),
+                           group + (c * channel_stride + row + p) * kBytes) + 1024),
                        _MM_HINT_T0);
-        float* sum_at = spatial_sum ? spatial_sum + row + p : nullptr;
-        __m512 sum = c0 == 0 || !sum_at ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, sum_at);
-        for (int c = c0; c < c1; ++c) {
-          const __m512 v = load16<H>(x, c * channel_stride + row + p, valid);
-          if (sum_at) sum = _mm512_add_ps(sum, _mm512_mul_ps(v, _mm512_set1_ps(spatial_weight[c])));
-          const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, v, _mm512_set1_ps(threshold[c]), _CMP_GE_OQ);
-          lo = _mm512_mask_or_epi64(lo, __mmask8(m), lo, bit);
-          hi = _mm512_mask_or_epi64(hi, __mmask8(m >> 8), hi, bit);
-          bit = _mm512_add_epi64(bit, bit);
+        float* sum_at = kSum ? spatial_sum + row + p : nullptr;
+        __m512 sum = c0 == 0 || !kSum ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid, sum_at);
+        if (np == 16 && n == 8) {
+          pack_block<H, kSum, 8>(group, channel_stride, row + p, 0xffff, 8, t, bit, w, lo, hi, sum);
+        } else {
+          pack_block<H, kSum, 0>(group, channel_stride, row + p, valid, n, t, bit, w, lo, hi, sum);
         }
         _mm512_mask_storeu_epi64(dst + p, __mmask8(valid), lo);
         _mm512_mask_storeu_epi64(dst + p + 8, __mmask8(valid >> 8), hi);
-        if (sum_at) _mm512_mask_storeu_ps(sum_at, valid, sum);
+        if (kSum) _mm512_mask_storeu_ps(sum_at, valid, sum);
       }
     }
+  }
+}
+
+template <bool H>
+void pack_lines_any(const void* x, ptrdiff_t channel_stride, int channels, int rows, int width,
+                    const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
+                    float* spatial_sum) {
+  if (spatial_sum) {
+    pack_lines_as<H, true>(x, channel_stride, channels, rows, width, threshold, out, line, spatial_weight, spatial_sum);
+  } else {
+    pack_lines_as<H, false>(x, channel_stride, channels, rows, width, threshold, out, line, nullptr, nullptr);
   }
 }
 
 void pack_lines(const float* x, ptrdiff_t channel_stride, int channels, int rows, int width,
                 const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
                 float* spatial_sum) {
-  pack_lines_as<false>(x, channel_stride, channels, rows, width, threshold, out, line, spatial_weight, spatial_sum);
+  pack_lines_any<false>(x, channel_stride, channels, rows, width, threshold, out, line, spatial_weight, spatial_sum);
 }
 
 void pack_lines_half(const uint16_t* x, ptrdiff_t channel_stride, int channels, int rows, int width,
                      const float* threshold, uint64_t* out, ptrdiff_t line, const float* spatial_weight,
                      float* spatial_sum) {
-  pack_lines_as<true>(x, channel_stride, channels, rows, width, threshold, out, line, spatial_weight, spatial_sum);
+  pack_lines_any<true>(x, channel_stride, channels, rows, width, threshold, out, line, spatial_weight, spatial_sum);
 }
 
 // Lane mask of the first `rem` of 16 lanes (rem may be <= 0 or >= 16).
@@ -181,8 +217,8 @@ inline __mmask16 lanes(int rem) {
 
 // 16 output values of channel o from two 8-pixel count vectors, in the op's fp32 order; lanes from
 // pixel p + rem on are neither loaded nor stored. `add`: the skip or residual plane (F & kAdd). H: the
-// activations are float16. `stream`: the output rows are 64-byte aligned float, so full blocks are
-// written with streaming stores (the output is not read back here: no read-for-ownership of its lines).
+// activations are float16. `stream`: the output rows are 64-byte aligned, so full blocks are written with
+// streaming stores (the output is not read back here: no read-for-ownership of its lines).
 // Returns the fp32 values (0 in lanes not written), for ConvRow::channel_sums.
 template <int F, bool H>
 inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1, const void* add,
@@ -214,7 +250,10 @@ inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, 
 // words feed 4 * V accumulators (vpopcntq on 8 pixels each), which stay in registers. S: the number
 // of steps when known at compile time (0: a.steps); F: the epilogue's shape.
 template <int F, bool H, int S, int V>
-inline void row_tile(const ConvRow& a, int p, int np, const void* add, bool stream) {
+inline void row_tile(const ConvRow& row, int p, int np, const void* add, bool stream) {
+  // A local copy: its fields stay in registers, where the stores (which may alias anything) would make the
+  // compiler reload each of them from `row` after every output vector.
+  const ConvRow a = row;
   const int steps = S ? S : a.steps;
   const uint64_t* x = a.x + p;
   for (int o0 = 0; o0 < a.out_channels; o0 += 4) {
@@ -252,11 +291,12 @@ inline void row_tile(const ConvRow& a, int p, int np, const void* add, bool stre
   }
 }
 
-// A row in tiles of 32 pixels (the last one 16 when no more remain). Float16 rows are written with plain
-// stores: they are small enough to stay in the cache for the next op.
+// A row in tiles of 32 pixels (the last one 16 when no more remain). Float16 rows are streamed only when
+// the caller says Y is too large to stay in the cache for the next op (ConvRow::stream_half).
 template <int F, bool H, int S>
 void row_tiles(const ConvRow& a, const void* add) {
-  const bool stream = !H && ((reinterpret_cast<uintptr_t>(a.y) | uintptr_t(a.plane * 4)) & 63) == 0;
+  const bool aligned = ((reinterpret_cast<uintptr_t>(a.y) | uintptr_t(a.plane * (H ? 2 : 4))) & 63) == 0;
+  const bool stream = aligned && (!H || a.stream_half);
   const int tiles = (a.width + 31) / 32;
   const int per_tile = (a.prefetch_rows + tiles - 1) / tiles;  // prefetched rows per tile
   for (int p = 0, t = 0; p < a.width; p += 32, ++t) {

@@ -65,6 +65,9 @@ struct ConvRow {
   const void* skip;      // or nullptr
   const void* residual;  // or nullptr
   bool half;
+  // float16 y: write full 64-byte aligned blocks with streaming stores (a Y too large to stay in the cache
+  // for the next op). float y is always streamed where aligned.
+  bool stream_half;
   bool relu;
   const float* slope;  // [O] PReLU slopes, or nullptr
   ptrdiff_t plane;
