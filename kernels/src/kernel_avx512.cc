@@ -219,15 +219,16 @@ inline __mmask16 lanes(int rem) {
 // pixel p + rem on are neither loaded nor stored. `add`: the skip or residual plane (F & kAdd). H: the
 // activations are float16. `stream`: the output rows are 64-byte aligned, so full blocks are written with
 // streaming stores (the output is not read back here: no read-for-ownership of its lines).
-// Returns the fp32 values (0 in lanes not written), for ConvRow::channel_sums.
-template <int F, bool H>
+// Returns the fp32 values (0 in lanes not written), for ConvRow::channel_sums. kInner: all 16 lanes, and no
+// border correction.
+template <int F, bool H, bool kInner>
 inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, __m512i c1, const void* add,
                            bool stream) {
-  const __mmask16 m = lanes(rem);
+  const __mmask16 m = kInner ? __mmask16(0xffff) : lanes(rem);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i counts = _mm512_permutex2var_epi32(c0, evens, c1);  // the low halves of the 64-bit counts
   __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(a.full), _mm512_slli_epi32(counts, 1));
-  if (a.fix && (p < a.fix_lo || p + 16 > a.fix_hi))
+  if (!kInner && a.fix && (p < a.fix_lo || p + 16 > a.fix_hi))
     d = _mm512_add_epi32(d, _mm512_maskz_loadu_epi32(m, a.fix + o * a.fix_ld + p));
   __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a.scale[o]));
   constexpr bool generic = F == kGeneric;
@@ -248,8 +249,9 @@ inline __m512 row_epilogue(const ConvRow& a, int o, int p, int rem, __m512i c0, 
 
 // 8 * V pixels from p x 4 output channels at a time: per step V input vectors and 4 broadcast weight
 // words feed 4 * V accumulators (vpopcntq on 8 pixels each), which stay in registers. S: the number
-// of steps when known at compile time (0: a.steps); F: the epilogue's shape.
-template <int F, bool H, int S, int V>
+// of steps when known at compile time (0: a.steps); F: the epilogue's shape; kInner: a full tile clear of the
+// border corrections.
+template <int F, bool H, int S, int V, bool kInner>
 inline void row_tile(const ConvRow& row, int p, int np, const void* add, bool stream) {
   // A local copy: its fields stay in registers, where the stores (which may alias anything) would make the
   // compiler reload each of them from `row` after every output vector.
@@ -280,7 +282,7 @@ inline void row_tile(const ConvRow& row, int p, int np, const void* add, bool st
       __m512 sum = _mm512_setzero_ps();
 #pragma GCC unroll 2
       for (int v = 0; v < V; v += 2) {
-        const __m512 t = row_epilogue<F, H>(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1], add, stream);
+        const __m512 t = row_epilogue<F, H, kInner>(a, o0 + oc, p + 8 * v, np - 8 * v, acc[oc][v], acc[oc][v + 1], add, stream);
         if (F == kGeneric ? a.channel_sums != nullptr : (F & kMaps) != 0) sum = _mm512_add_ps(sum, t);
       }
       if ((F == kGeneric || (F & kMaps)) && a.channel_sums) {
@@ -307,9 +309,13 @@ void row_tiles(const ConvRow& a, const void* add) {
         for (int q = 0; q < a.prefetch_bytes; q += 64) _mm_prefetch(a.prefetch + r * a.prefetch_stride + q, _MM_HINT_T1);
     }
     if (np > 16) {
-      row_tile<F, H, S, 4>(a, p, np, add, stream);
+      if (np == 32 && (!a.fix || (p >= a.fix_lo && p + 32 <= a.fix_hi))) {
+        row_tile<F, H, S, 4, true>(a, p, np, add, stream);
+      } else {
+        row_tile<F, H, S, 4, false>(a, p, np, add, stream);
+      }
     } else {
-      row_tile<F, H, S, 2>(a, p, np, add, stream);
+      row_tile<F, H, S, 2, false>(a, p, np, add, stream);
     }
   }
 }
