@@ -34,16 +34,16 @@ class _SignSTE(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         # With v = u / window: d sign(v)/du = dv / window and d/dwindow = -dv * u / window^2, where dv is
         # clipped: 1 inside |v| <= 1; approx (ApproxSign, Bi-Real Net): 2 - 2|v| inside [-1, 1].
-        # Few full-size passes: the activations' sign was a quarter of a training step on CPU.
+        # One full-size buffer, reused in place: the activations' sign was a quarter of a training step on CPU.
         u, window = ctx.saved_tensors
         if ctx.kind == "clipped":
-            g = grad * (u.abs() <= window.abs())
+            g = u.abs().le_(window.abs()).mul_(grad)  # the window's 0/1 mask, then the clipped gradient
         else:
-            g = grad * (2 - 2 * (u / window).abs()).clamp_min(0)
-        grad_u = g / window if ctx.needs_input_grad[0] else None
+            g = u.div(window).abs_().mul_(-2).add_(2).clamp_min_(0).mul_(grad)
         grad_window = None
         if ctx.needs_input_grad[1]:
             grad_window = _sum_to_shape(g * u, window.shape).div_(window * window).neg_()
+        grad_u = g.div_(window) if ctx.needs_input_grad[0] else None
         return grad_u, grad_window, None
 
 
@@ -55,10 +55,7 @@ def sign_ste(u: torch.Tensor, window: torch.Tensor | float = 1.0, kind: SteKind 
 
 
 def _sum_to_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Reduce a broadcast gradient back to the shape of the tensor it was broadcast from."""
-    while t.dim() > len(shape):
-        t = t.sum(0)
-    for dim, size in enumerate(shape):
-        if size == 1 and t.shape[dim] != 1:
-            t = t.sum(dim, keepdim=True)
-    return t
+    """Reduce a broadcast gradient back to the shape of the tensor it was broadcast from (one reduction)."""
+    lead = t.dim() - len(shape)
+    dims = tuple(range(lead)) + tuple(lead + d for d, size in enumerate(shape) if size == 1 and t.shape[lead + d] != 1)
+    return t.sum(dim=dims, keepdim=True).reshape(shape) if dims else t
