@@ -52,11 +52,13 @@ def build(
     include: str | os.PathLike | None = None,
     sanitize: bool = False,
     emulate_avx512: bool = False,
+    src: str | os.PathLike = SRC,
 ) -> Path:
     """Compile and link the library to `output`; returns its path.
 
     emulate_avx512 (tests only): the AVX-512 kernels with their intrinsics emulated in plain C++
-    (kernels/testing/avx512_emulation.h) and offered wherever AVX2 runs.
+    (kernels/testing/avx512_emulation.h) and offered wherever AVX2 runs. src: the sources' directory
+    (another revision's, for benchmarks/kernel_ab.py).
     """
     include = find_include(include)
     cxx = os.environ.get("CXX", "g++")
@@ -74,7 +76,7 @@ def build(
         def compile_one(item):
             name, extra = item
             obj = Path(tmp) / (name + ".o")
-            cmd = [cxx, *flags, *extra, "-c", str(SRC / name), "-o", str(obj)]
+            cmd = [cxx, *flags, *extra, "-c", str(Path(src) / name), "-o", str(obj)]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(f"srbinarize: compiling {name} failed:\n{' '.join(cmd)}\n{run.stderr}")
