@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 import srbinarize
 from srbinarize.convert import default_calibration_batch
 from srbinarize.layers import ScalesConv2d
+from srbinarize.layers.scales import ScalesConfig
 
 # Binary layers expected per model: the body's k x k convs on feature maps, nothing else.
 EXPECTED_BINARY = {
@@ -122,6 +123,28 @@ def test_calibration_fits_each_layer_to_its_fp_output():
         err_cal = (calibrated.get_submodule("body.1.conv1")(seen["x"]) - seen["y"]).pow(2).mean()
         err_raw = (raw.get_submodule("body.1.conv1")(seen["x"]) - seen["y"]).pow(2).mean()
     assert err_cal < 0.75 * err_raw  # random weights: a binary conv explains about a third of the energy
+
+
+def test_calibration_offset_puts_the_inputs_mean_into_the_bias():
+    """``sign(x - beta)`` drops the input's mean; fitted with an offset, the calibrated conv has no mean error per
+    channel, a lower error, a bias even where the FP conv had none, and its FP side is still the FP conv."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    x = torch.relu(torch.randn(8, 16, 12, 12)) + 0.5  # like a post-ReLU feature map: a large mean per channel
+    with torch.no_grad():
+        y = conv(x)
+    error, mean_error = {}, {}
+    for fit in (False, True):
+        layer = ScalesConv2d.from_float(conv, ScalesConfig(skip="never", fit_offset=fit))
+        assert (layer.bias is not None) == fit
+        layer.calibrate(x, y)
+        with torch.no_grad():
+            d = layer(x) - y
+            error[fit], mean_error[fit] = float(d.pow(2).mean()), float(d.mean(dim=(0, 2, 3)).abs().max())
+            layer.set_binarization(0.0)  # the progressive ramp's FP side: the pretrained conv exactly
+            torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    assert mean_error[True] < 1e-4 < 0.1 * mean_error[False]
+    assert error[True] < 0.8 * error[False]
 
 
 def test_untraceable_model_falls_back_to_module_paths():

@@ -54,14 +54,15 @@ def test_level_0_is_the_fp_model_and_level_1_the_binary_one(fp_and_binary):
 
 @pytest.mark.parametrize("name", ["team01_efdn", "team06_v1"])
 def test_pretrained_model_at_level_0_is_the_fp_model(name):
-    """On a real pretrained model (calibrated, skips where calibration chose them) level 0 is the FP model."""
+    """On a real pretrained model (calibrated with the recipe's offsets, the identity skip on every same-shape
+    layer) level 0 is the FP model."""
     if not shared_zoo.available(name):
         pytest.skip(f"../shared/models/{name} not present")
     from srbinarize.models.input_range import probe_patches
 
     fp = shared_zoo.load(name).eval()
-    binary = srbinarize.convert(fp, "scales")
-    assert any(m.use_skip for m in _layers(binary))
+    binary = srbinarize.convert(fp, "scales", skip="always")
+    assert any(m.use_skip for m in _layers(binary)) and any(m.fp_offset.abs().max() > 0 for m in _layers(binary))
     x = probe_patches(n=2, size=24)
     with torch.no_grad():
         y_fp = fp(x)

@@ -97,7 +97,7 @@ def test_target_speedup_choice_is_met_by_the_conversion(setup):
     model, _crops, cal, report = setup
     full = srbinarize.summary(srbinarize.convert(model, "scales", calibration_data=cal), input_size=(16, 16))
     reachable = full.ops_before / full.ops_after
-    choice = report.keep_fp(target_speedup=0.8 * reachable)
+    choice = report.keep_fp(target_speedup=0.8 * reachable, by="drop")  # gains of this untrained model may all be <= 0
     assert 0 < len(choice.keep_fp) < len(BODY)
     table = srbinarize.summary(srbinarize.convert(model, "scales", calibration_data=cal, keep_fp=choice.keep_fp),
                                input_size=(16, 16))

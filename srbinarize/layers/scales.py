@@ -19,14 +19,16 @@ pass computes the +-1 product first and applies the scales afterwards, in the ke
 Initialisation from the pretrained layer (`calibrate`): ``beta`` = channel mean of the FP input,
 ``alpha`` = mean |x - beta| (the L1-optimal scale of a sign), the latent weight = ``w - I`` when the
 skip is on (so that the binary branch approximates what the skip leaves), then scaled per output channel
-by the least-squares gain that best matches the FP output on the calibration batch; the re-scaling
+by the least-squares gain that best matches the FP output on the calibration batch (with ``fit_offset``,
+gain and offset are fitted together and the offset goes into the bias: ``sign(x - beta)`` drops the
+input's mean, so the product alone misses the FP layer's response to it); the re-scaling
 branches start at zero weights (sigmoid = 0.5, where its gradient is largest). Whether the skip is on is
 a buffer, so it travels with the weights.
 
 Progressive binarization (`set_binarization`, driven by the end-to-end phase's ``train.progressive``):
 the layer outputs ``(1 - l) * fp(x) + l * binary(x)``, where ``fp`` is the FP layer the latent weight
 stands for: calibration scaled the latent weight by a per-output-channel gain (kept in the ``fp_gain``
-buffer), so ``fp(x) = conv(x, W) + bias (+ x where the skip is on)`` with ``W = weight / fp_gain`` is
+buffer), so ``fp(x) = conv(x, W) + bias - fp_offset (+ x where the skip is on)`` with ``W = weight / fp_gain`` is
 the pretrained layer exactly until training moves the weight. ``l = 1`` (the default, and what export
 and inference see) is the binary layer alone; ``l = 0`` the FP one alone. A second level ``lw`` binarizes
 the weights of the FP side: ``W -> (1 - lw) * W + lw * mean|W| * sign(W)`` (FP activations, binary
@@ -60,6 +62,7 @@ class ScalesConfig:
     channel_kernel_size: int = 5
     skip: SkipMode = "auto"
     ste: SteKind = "clipped"
+    fit_offset: bool = False  # calibration also fits a per-output-channel offset into the bias
 
     def __post_init__(self) -> None:
         for name in ("spatial_kernel_size", "channel_kernel_size"):
@@ -75,6 +78,7 @@ class ScalesLinearConfig:
     learn_threshold: bool = True  # False: beta stays 0 (plain sign, the BiBERT-style baseline)
     skip: SkipMode = "auto"
     ste: SteKind = "clipped"
+    fit_offset: bool = False
 
 
 def supports_conv(conv: nn.Module, grouped: bool = False) -> str | None:
@@ -109,7 +113,8 @@ class _ScalesBase(QuantLayer):
         self.act_bits = 1 if config.binarize_activations else 32
         self.weight_bits = 1 if config.binarize_weights else 32
         self.weight = nn.Parameter(torch.empty(weight_shape))
-        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        # With fit_offset a layer always has a bias: calibration puts the fitted offset there.
+        self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias or config.fit_offset else None
         self.beta = nn.Parameter(torch.zeros(self.in_channels))
         self.alpha = nn.Parameter(torch.ones(()))
         self.same_shape = self.in_channels == self.out_channels
@@ -118,6 +123,8 @@ class _ScalesBase(QuantLayer):
         self.register_buffer("fp_gain", torch.ones(self.out_channels))
         # Least-squares gain of the FP side's binarized weights on FP inputs (progressive weights_first).
         self.register_buffer("fp_side_gain", torch.ones(self.out_channels))
+        # The offset calibration added to the bias (fit_offset): bias - fp_offset is the FP layer's bias.
+        self.register_buffer("fp_offset", torch.zeros(self.out_channels))
         self.binarization = 1.0  # l of the progressive ramp; 1: the deployed binary layer
         self.fp_side_weights = 0.0  # lw: how far the FP side's weights are binarized
         self.spatial: nn.Module | None = None  # re-scaling branches, set by subclasses
@@ -198,7 +205,7 @@ class _ScalesBase(QuantLayer):
         level = self.binarization
         if level >= 1.0:
             return self._finish(self._scaled_product(x), x)
-        fp = self._finish(self._product(x, self._fp_side_weight()), x)
+        fp = self._finish(self._product(x, self._fp_side_weight()), x) - self._per_out(self.fp_offset)
         return fp if level <= 0.0 else torch.lerp(fp, self._finish(self._scaled_product(x), x), level)
 
     def _fp_side_weight(self) -> torch.Tensor:
@@ -225,10 +232,10 @@ class _ScalesBase(QuantLayer):
         return t
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Files written before these gains existed: their latent weights carry an unknown gain; 1 keeps them loadable
-        # (only the progressive ramp reads it).
-        for name in ("fp_gain", "fp_side_gain"):
-            state_dict.setdefault(prefix + name, torch.ones_like(getattr(self, name)))
+        # Files written before these buffers existed: their latent weights carry an unknown gain; 1 (and no
+        # offset) keeps them loadable (only the progressive ramp reads them).
+        for name, value in (("fp_gain", 1.0), ("fp_side_gain", 1.0), ("fp_offset", 0.0)):
+            state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), value))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -254,17 +261,28 @@ class _ScalesBase(QuantLayer):
         self.fp_side_gain.copy_(self._gain(fp_side, target))
 
     def _fit(self, x: torch.Tensor, target: torch.Tensor, apply: bool = False) -> float:
-        """Least-squares gain per output channel of the latent weight; returns the remaining squared error.
+        """Least-squares gain per output channel of the latent weight (and, with ``fit_offset``, an offset
+        added to the bias); returns the remaining squared error.
 
         The output is linear in the latent weight's magnitude (mean|w| * sign(w) and the FP product alike),
         so scaling the weight by the gain scales the output by it.
         """
         t = self._scaled_product(x)
-        gain = self._gain(t, target)
+        offset = torch.zeros(self.out_channels, dtype=t.dtype, device=t.device)
+        if self.config.fit_offset:
+            dims = self._reduce_dims(t)
+            t_mean, y_mean = t.mean(dim=dims), target.mean(dim=dims)
+            gain = self._gain(t - self._per_out(t_mean), target - self._per_out(y_mean))
+            offset = y_mean - gain * t_mean
+        else:
+            gain = self._gain(t, target)
         if apply:
             self.weight.mul_(self._per_weight(gain))
             self.fp_gain.mul_(gain)
-        return float((target - t * self._per_out(gain)).pow(2).sum())
+            if self.config.fit_offset:
+                self.bias.add_(offset)
+                self.fp_offset.add_(offset)
+        return float((target - t * self._per_out(gain) - self._per_out(offset)).pow(2).sum())
 
     def _gain(self, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-output-channel least-squares factor of ``t`` towards ``target`` (1 where it is 0 or undefined)."""
