@@ -43,11 +43,11 @@ VARIANTS: dict[str, dict[str, object]] = {
 def run_one(args: argparse.Namespace) -> dict:
     """The measurements of one model (run in a process of its own)."""
     import torch
+    from body_use import psnr_and_floor
     from sensitivity import load_shared
 
     from srbinarize import convert
     from srbinarize.convert import default_calibration_batch
-    from srbinarize.layers.scales import _ScalesBase
     from srbinarize.models.input_range import with_input_range
     from srbinarize.recipe import load_recipe
     from srbinarize.train.data import TrainPatches, patch_loader
@@ -71,12 +71,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     out: dict = {"model": name, "fp": psnr(teacher), "units": {}}
     student = convert(teacher, "scales", example_input=cal[:1], calibration_data=cal)
-    out["converted"] = psnr(student)
-    layers = [m for m in student.modules() if isinstance(m, _ScalesBase)]
-    hooks = [m.register_forward_hook(lambda mod, inp, y: mod._finish(torch.zeros_like(y), inp[0])) for m in layers]
-    out["floor"] = psnr(student)
-    for h in hooks:
-        h.remove()
+    out["converted"], out["floor"] = psnr_and_floor(student, set5)
     units = reconstruction_units(student)
     if len(units) < 2:  # the unit is the whole network (team03_fmen's `model`): its output carries the long skip
         path = units[0].path if units else "none"
