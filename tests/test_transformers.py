@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,12 @@ from torch import nn
 
 import srbinarize
 from srbinarize.layers import ScalesConv2d, ScalesLinear
+from srbinarize.models.probe import input_multiple
 from srbinarize.models.zoo import save_fp_model, swinir_spec
-from srbinarize.train.config import Budget, DataConfig, RunSettings
+from srbinarize.train.config import Budget, DataConfig, RunSettings, default_patch
 from srbinarize.train.evaluate import load_sets
 from srbinarize.train.finetune import FinetuneError, finetune
-from srbinarize.train.metrics import evaluate_model, input_multiple
+from srbinarize.train.metrics import evaluate_model
 
 ALL_OFF = {"binarize_weights": False, "binarize_activations": False, "spatial_rescale": False,
            "channel_rescale": False}
@@ -172,3 +174,20 @@ def test_swinir_finetunes_and_evaluates_at_a_size_off_the_window(tmp_path):
     with pytest.raises(FinetuneError, match="multiple of 4"):
         finetune(str(checkpoint), "scales", DataConfig(train=train, patch=18), Budget(steps=1),
                  RunSettings(out=str(tmp_path / "odd")), progress=False)
+
+
+def test_the_default_patch_follows_the_window_and_a_given_one_must_fit_it(tmp_path):
+    """No patch given: 32 rounded to the nearest multiple of the window (6 -> 30); a given one is checked."""
+    assert [default_patch(w) for w in (1, 4, 6, 7, 48)] == [32, 32, 30, 35, 48]
+    spec = swinir_spec(2, img_size=12, embed_dim=12, depths=[1], num_heads=[2], window_size=6)
+    torch.manual_seed(0)
+    checkpoint = save_fp_model(spec.build(), spec, tmp_path / "swinir_x2.safetensors", dtype=torch.float32)
+    train = _smooth_images(tmp_path / "train", [(96, 96)] * 2, seed=0)
+    run = tmp_path / "run"
+    result = finetune(str(checkpoint), "scales", DataConfig(train=train, batch=2, workers=0), Budget(steps=1),
+                      RunSettings(out=str(run), threads=1, save_seconds=1e9), progress=False, reconstruct=0.0)
+    assert result.step == 1
+    assert json.loads((run / "config.json").read_text())["data"]["patch"] == 30
+    with pytest.raises(FinetuneError, match=r"windows of 6 pixels.*multiple of 6"):
+        finetune(str(checkpoint), "scales", DataConfig(train=train, patch=32), Budget(steps=1),
+                 RunSettings(out=str(tmp_path / "given")), progress=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SrbinarizeError
-from .probe import example_input
+from .probe import example_input, fitting_size
 
 RANGES: tuple[float, ...] = (1.0, 255.0)
 #: Mean |downscaled output - input| (images in [0, 1]) below which an output "matches" its input.
@@ -104,7 +104,8 @@ def detect_input_range(model: nn.Module, name: str | None = None, x: torch.Tenso
     was_training = model.training
     model.eval()
     try:
-        x = probe_patches(example_input(model, size=16).shape[1]) if x is None else x
+        if x is None:
+            x = probe_patches(example_input(model, size=16).shape[1], size=fitting_size(model, 32))
         errors = {r: _mismatch(model, x, r) for r in RANGES}
     finally:
         model.train(was_training)

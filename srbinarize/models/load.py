@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import SrbinarizeError
+from .probe import fitting_size
 from .spec import ModelSpec, ModelSpecError
 from .zoo import SPEC_KEY, is_zoo_name, zoo_path
 
@@ -247,7 +248,8 @@ def load_weights(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, 
 
 
 def model_scale(model: nn.Module, in_channels: int = 3, size: int = 16) -> int:
-    """The upscaling factor, measured by running the model on a ``size`` x ``size`` input."""
+    """The upscaling factor, measured by running the model on a ``size`` x ``size`` input (fitted to its window)."""
+    size = fitting_size(model, size)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training

@@ -140,7 +140,8 @@ def add_finetune(sub) -> None:
     d.add_argument("--val", nargs="*", help="validation sets (HR/ + LR_bicubic/X<s>/ or HR folders)")
     d.add_argument("--val-limit", type=int, help="use only the first N images of each validation set")
     d.add_argument("--batch", type=int, help="batch size (default 16)")
-    d.add_argument("--patch", type=int, help="LR patch side, HR patch = patch x scale (default 32)")
+    d.add_argument("--patch", type=int, help="LR patch side, HR patch = patch x scale (default 32, or the "
+                   "nearest multiple of a window-attention model's window)")
     d.add_argument("--workers", type=int, help="data loader processes (default min(2, cores))")
     b = p.add_argument_group("budget (Budget): one of").add_mutually_exclusive_group()
     b.add_argument("--steps", type=int, help="optimizer steps of all phases")

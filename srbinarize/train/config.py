@@ -29,6 +29,12 @@ from ..recipe import Recipe, RecipeError, recipe_from_dict
 
 CONFIG_FILE = "config.json"
 FORMAT = "srbinarize.run/2"
+DEFAULT_PATCH = 32  # LR patch side when none is given
+
+
+def default_patch(window: int) -> int:
+    """`DEFAULT_PATCH` rounded to the nearest multiple of a window-attention model's window (at least one)."""
+    return max(window, round(DEFAULT_PATCH / window) * window)
 
 
 class FinetuneError(SrbinarizeError):
@@ -91,7 +97,7 @@ class DataConfig:
     train_lr: tuple[str, ...] | None = None  # paired LR folders, one per training folder (None: bicubic)
     val_limit: int | None = None  # first N images of each validation set
     batch: int = 16
-    patch: int = 32  # LR patch side
+    patch: int | None = None  # LR patch side; None: DEFAULT_PATCH, made a multiple of the model's window
     workers: int | None = None  # data loader processes (None: min(2, cores))
 
     def __post_init__(self) -> None:
@@ -102,8 +108,9 @@ class DataConfig:
             raise FinetuneError("give training data: train=<folder of HR images> (or several)")
         if self.train_lr is not None and len(self.train_lr) != len(self.train):
             raise FinetuneError(f"{len(self.train_lr)} LR folders for {len(self.train)} training folders")
-        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1 \
-                or isinstance(self.patch, bool) or not isinstance(self.patch, int) or self.patch < 4:
+        bad_patch = self.patch is not None and (isinstance(self.patch, bool) or not isinstance(self.patch, int)
+                                                or self.patch < 4)
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1 or bad_patch:
             raise FinetuneError(f"batch must be >= 1 and patch >= 4, got {self.batch} and {self.patch}")
         _int(self.val_limit, "val_limit", 1, optional=True)
         _int(self.workers, "workers", 0, optional=True)

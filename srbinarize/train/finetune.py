@@ -42,6 +42,7 @@ from ..checkpoint import load_model, read_metadata
 from ..convert import convert
 from ..models.input_range import resolve_input_range
 from ..models.load import load_pretrained, model_in_channels, model_scale
+from ..models.probe import input_multiple
 from ..models.spec import ModelSpec
 from ..recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from .checkpoints import clean_temporaries
@@ -53,10 +54,10 @@ from .config import (
     RunConfig,
     RunSettings,
     check_new_run_folder,
+    default_patch,
     run_exists,
 )
 from .data import DataError, EvalSet, TrainPatches
-from .metrics import input_multiple
 from .phases import Phase, PhaseEnd
 from .phases.end_to_end import FINAL, EndToEnd
 from .phases.reconstruction import Reconstruction
@@ -218,7 +219,9 @@ def _load_teacher(cfg: RunConfig, module: nn.Module | None) -> tuple[nn.Module, 
     if m.scale is not None and m.scale != measured:
         raise FinetuneError(f"the model is x{measured}, but scale {m.scale} was given")
     window = input_multiple(teacher)
-    if cfg.data.patch % window:
+    if cfg.data.patch is None:
+        cfg.data = dataclasses.replace(cfg.data, patch=default_patch(window))
+    elif cfg.data.patch % window:
         raise FinetuneError(f"the model works on windows of {window} pixels: the LR patch ({cfg.data.patch}) must "
                             f"be a multiple of {window}")
     cfg.model = dataclasses.replace(m, scale=measured, input_range=input_range)

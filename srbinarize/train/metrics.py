@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.probe import input_multiple
 from .data import EvalSet, bicubic_resize
 
 
@@ -107,19 +108,6 @@ def _summarise(eval_set: EvalSet, outputs: Sequence[np.ndarray], ssim: bool) -> 
 def evaluate_bicubic(eval_set: EvalSet, ssim: bool = True) -> SetResult:
     outputs = [bicubic_upscale(im.lr, eval_set.scale) for im in eval_set.images]
     return _summarise(eval_set, outputs, ssim)
-
-
-def input_multiple(model: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> int:
-    """The side a model's input is padded to a multiple of: the largest integer ``window_size`` of its modules.
-
-    basicsr's SwinIR does not pad inputs itself (the original repository pads in its test script), so any
-    size that is not a multiple of the window fails; models that pad themselves (HAT) get the same padding.
-    1 for models without windows and for callables that are not modules.
-    """
-    if not isinstance(model, nn.Module):
-        return 1
-    sizes = [w for m in model.modules() if isinstance(w := getattr(m, "window_size", None), int)]
-    return max(sizes, default=1)
 
 
 def _pad_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
