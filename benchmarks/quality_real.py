@@ -118,8 +118,8 @@ def int8_psnr(entry: dict[str, Any], threads: int) -> dict[str, float]:
     """PSNR-Y of onnxruntime's own static int8 quantization of the FP model.
 
     A model whose ONNX graph fixes its input size (team09_imdtn's window partition bakes the traced sizes into
-    its reshapes) is exported and quantized once per image size, calibrated on the same BSD100 patches
-    reflect-padded to that size.
+    its reshapes, team20_mobilesr its paddings: found by running the graph on odd sides) is exported and
+    quantized once per image size, calibrated on the same BSD100 patches reflect-padded to that size.
     """
     import onnxruntime as ort
     import torch
